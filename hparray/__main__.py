@@ -1,0 +1,5 @@
+"""`python -m hparray`: the same as the `hparray` command."""
+
+from hparray.cli import main
+
+main()

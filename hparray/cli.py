@@ -1,0 +1,355 @@
+"""The `hparray` command: parse, call one core function, render with rich.
+
+One place (`main`) turns the project's exception root into one line and an exit code
+(2: bad input, 1: runtime failure); the traceback only with --verbose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hparray.config import Settings, SweepConfig, load_settings, load_sweep
+from hparray.errors import BadInput, HparrayError
+from hparray.status import SweepStatus, sweep_status
+from hparray.store import Store
+
+# Tables stay readable in logs and pipes, where rich would otherwise assume 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True)
+log = logging.getLogger("hparray")
+
+
+@dataclass
+class Context:
+    db: str | None
+    config_dir: Path
+    verbose: bool
+
+    def sweep(self) -> SweepConfig:
+        return load_sweep(self.config_dir)
+
+    def settings(self) -> Settings:
+        return load_settings(self.config_dir)
+
+    def store(self, create: bool = True) -> Store:
+        return Store.open(self.db, create=create)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--db", envvar="HPARRAY_DB", metavar="URL",
+              help="Database: a file path or SQLAlchemy URL (postgresql://user@host/db). "
+                   "Default ./results.db; env HPARRAY_DB.")
+@click.option("--config-dir", type=click.Path(path_type=Path), default=Path("configs"), show_default=True,
+              help="Folder with base.yaml and the *_search.yaml files.")
+@click.option("-v", "--verbose", is_flag=True, help="Log more and show tracebacks on errors.")
+@click.version_option(package_name="hparray")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, config_dir: Path, verbose: bool) -> None:
+    """Sweep test-time fine-tuning hyperparameters of a video model, one factor at a time,
+    as resumable (config, video) rows in a database, run by local workers or a Slurm job array.
+
+    \b
+    A sweep in four commands:
+      hparray plan --search lr --dry-run   what would run, and its GPU-hours
+      hparray plan --search lr             write the rows (idempotent)
+      hparray submit --local --workers 2   run them here (or: hparray submit, on Slurm)
+      hparray status                       where it stands; add --watch to follow
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ctx.obj = Context(db=db, config_dir=config_dir, verbose=verbose)
+
+
+# ---------------------------------------------------------------- plan
+
+
+@cli.command()
+@click.option("--search", "which", required=True, metavar="NAME",
+              help="Which search to plan: lr, condition_frames, steps (a *_search.yaml name) or all.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@pass_context
+def plan(ctx: Context, which: str, dry_run: bool) -> None:
+    """Expand searches into (config, video) rows; identical work is planned once.
+
+    Each search varies one factor of the baseline. The baseline point shared by all searches
+    is one set of rows, and the un-fine-tuned inference is one row per (video,
+    condition_frames). Planning again adds only what is missing and never touches finished rows.
+    """
+    from hparray.plan import build_plan, select_videos
+
+    sweep = ctx.sweep()
+    searches = sweep.select(which)
+    with console.status("choosing and checking videos..."):
+        videos = select_videos(sweep.settings)
+    result = build_plan(sweep, which, videos)
+    if dry_run:
+        existing = _existing_keys(ctx)
+    else:
+        store = ctx.store()
+        existing = store.existing_task_keys()
+        counts = store.apply_plan(result.config_rows(), result.search_config_rows(), result.video_rows(),
+                                  result.tasks, sweep.settings.tasks.max_attempts, time.time())
+    new_tasks = [t for t in result.tasks if (t.config_hash, t.video) not in existing]
+
+    table = Table(title=f"plan: search {which}", title_justify="left")
+    for column in ("config", "kind", "lr", "cond. frames", "steps", "hash"):
+        table.add_column(column, no_wrap=True)
+    for config in result.configs:
+        if config.kind == "finetune":
+            name = config.label + ("  (baseline)" if config.baseline_in else "")
+            table.add_row(name, "fine-tune", f"{config.hp.lr:g}", str(config.hp.condition_frames),
+                          str(config.hp.finetune_steps), config.hash[:10])
+        else:
+            table.add_row(config.label, "inference", "-", str(config.hp.condition_frames), "0", config.hash[:10])
+    console.print(table)
+    categories = Counter(v.category for v in videos)
+    console.print(f"videos: {len(videos)} from {sweep.settings.data.source!r} "
+                  f"({', '.join(f'{k} {n}' for k, n in sorted(categories.items()))})")
+    kinds = Counter(t.kind for t in result.tasks)
+    console.print(f"rows: {len(result.tasks)} ({kinds['finetune']} fine-tune, {kinds['baseline']} baseline inference) "
+                  f"for {len(searches)} search(es)")
+    if dry_run:
+        console.print(f"[bold]dry run[/]: would add {len(new_tasks)} rows, {len(result.tasks) - len(new_tasks)} "
+                      f"already planned; estimated {result.gpu_hours(new_tasks):.1f} GPU-hours for the new rows. "
+                      "Nothing written.")
+    else:
+        console.print(f"added {counts.new_tasks} rows ({counts.existing_tasks} already planned) to {store.url}; "
+                      f"estimated {result.gpu_hours(new_tasks):.1f} GPU-hours for the new rows.")
+        console.print("next: [bold]hparray submit --local --workers N[/] here, or [bold]hparray submit[/] on Slurm")
+
+
+def _existing_keys(ctx: Context) -> set[tuple[str, str]]:
+    """Rows already planned, without creating a database that does not exist yet."""
+    try:
+        store = ctx.store(create=False)
+    except HparrayError as err:
+        if "no database" in str(err):
+            return set()
+        raise
+    return store.existing_task_keys()
+
+
+# ---------------------------------------------------------------- worker
+
+
+@cli.command()
+@click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="Stop after this many tasks.")
+@click.option("--worker-id", default=None, help="Name of this worker (default: host, Slurm ids, pid).")
+@click.option("--poll-s", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              help="How often to look again while rows wait on running dependencies.")
+@pass_context
+def worker(ctx: Context, max_tasks: int | None, worker_id: str | None, poll_s: float) -> None:
+    """Claim and run rows until none is left (one per GPU; Slurm array tasks run this).
+
+    Heartbeats while a task runs; on SIGTERM, SIGINT or SIGUSR1 (Slurm's time-limit warning)
+    it puts its row back without spending an attempt, or finishes it first if it fits.
+    """
+    from hparray.runtime import run_worker
+
+    logging.getLogger("hparray").setLevel(logging.DEBUG if ctx.verbose else logging.INFO)
+    summary = run_worker(ctx.settings(), ctx.store(create=False), max_tasks=max_tasks, worker_id=worker_id,
+                         poll_s=poll_s)
+    err_console.print(f"worker done: {summary.done} done, {summary.diverged} diverged, {summary.errors} errors, "
+                      f"{summary.released} released ({summary.stop_reason})")
+
+
+# ---------------------------------------------------------------- submit
+
+
+@cli.command()
+@click.option("--local", "local", is_flag=True, help="Run workers on this machine instead of Slurm.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes (--local: default 1 per GPU, else 1) or array size (Slurm).")
+@pass_context
+def submit(ctx: Context, local: bool, workers: int | None) -> None:
+    """Run the planned rows: local worker processes (--local) until done.
+
+    Every worker claims rows one at a time, so stopping and submitting again resumes exactly
+    where the sweep stopped, down to the single video.
+    """
+    from hparray.executor import LocalExecutor, visible_gpus
+
+    settings = ctx.settings()
+    store = ctx.store(create=False)
+    count = workers or max(1, len(visible_gpus()))
+    worker_args = ["--config-dir", str(ctx.config_dir.resolve()), "--db", store.url,
+                   *(["--verbose"] if ctx.verbose else []), "worker"]
+    log_dir = settings.output_path() / "logs"
+    initial = sweep_status(store, time.time(), settings.tasks.heartbeat_grace_s)
+    todo = initial.pending + initial.running - initial.blocked
+    if todo == 0:
+        console.print("nothing to run: every planned row is finished. `hparray status` shows the results.")
+        return
+    console.print(f"running {todo} rows with {count} local worker(s); logs in {log_dir}; Ctrl-C stops cleanly")
+    finished_before = initial.done + initial.diverged + initial.failed
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("sweep", total=todo, detail="")
+
+        def refresh() -> None:
+            totals = {row.status: row.n for row in store.fetch("task_totals")}
+            finished = totals.get("done", 0) + totals.get("diverged", 0) + totals.get("failed", 0)
+            progress.update(bar, completed=finished - finished_before,
+                            detail=f"running {totals.get('running', 0)}, failed {totals.get('failed', 0)}")
+
+        report = LocalExecutor(store, worker_args, count, grace_s=settings.tasks.heartbeat_grace_s,
+                               log_dir=log_dir, progress=refresh).run()
+    final = sweep_status(store, time.time(), settings.tasks.heartbeat_grace_s)
+    console.print(f"{final.done} done, {final.diverged} diverged, {final.failed} failed, "
+                  f"{final.pending} pending of {final.total} rows ({report.replaced} workers replaced)")
+    if report.interrupted:
+        console.print("stopped by you; claimed rows were put back. Run the same command to resume.")
+        raise SystemExit(130)
+    if report.gave_up:
+        raise HparrayError(f"gave up: {report.gave_up}")
+    if final.failed:
+        console.print(f"[yellow]{final.failed} rows failed[/]: `hparray status` and the logs say why")
+
+
+# ---------------------------------------------------------------- status and reap
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (total, pending, running, done, failed, ...).")
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@pass_context
+def status(ctx: Context, as_json: bool, watch: bool, interval: float) -> None:
+    """Rows per search and config, metrics so far, live workers, throughput and ETA."""
+    store = ctx.store(create=False)
+    grace_s = _grace_s(ctx)
+    if as_json:
+        click.echo(json.dumps(sweep_status(store, time.time(), grace_s).to_json(), indent=2, default=str))
+        return
+    if not watch:
+        for part in render_status(sweep_status(store, time.time(), grace_s)):
+            console.print(part)
+        return
+    from rich.console import Group
+
+    with Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                live.update(Group(*render_status(sweep_status(store, time.time(), grace_s))), refresh=True)
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+
+
+def _grace_s(ctx: Context) -> float:
+    """The configured heartbeat grace, or the default when status runs away from the configs."""
+    try:
+        return ctx.settings().tasks.heartbeat_grace_s
+    except BadInput:
+        return 300.0
+
+
+@cli.command()
+@pass_context
+def reap(ctx: Context) -> None:
+    """Put rows back whose worker stopped heartbeating (workers and status do this too)."""
+    report = ctx.store(create=False).reap(time.time(), _grace_s(ctx))
+    console.print(f"reaped: {len(report.released)} rows pending again, {len(report.failed)} failed for good")
+
+
+def render_status(s: SweepStatus) -> list[object]:
+    """Rich renderables for a status snapshot."""
+    parts: list[object] = []
+    for search, configs in s.searches().items():
+        table = Table(title=f"search: {search}", title_justify="left")
+        for column in ("config", "pending", "running", "done", "diverged", "failed", "PSNR", "SSIM", "LPIPS",
+                       "GPU-min"):
+            table.add_column(column, justify="left" if column == "config" else "right", no_wrap=True)
+        for c in configs:
+            table.add_row(c.name + (" *" if c.is_baseline else ""), str(c.pending), str(c.running), str(c.done),
+                          str(c.diverged), _red(c.failed), _num(c.psnr, 2), _num(c.ssim, 4), _num(c.lpips, 4),
+                          f"{c.gpu_minutes:.1f}")
+        parts.append(table)
+    if s.workers:
+        table = Table(title="workers", title_justify="left")
+        for column in ("worker", "host", "slurm job", "gpu", "task", "done", "heartbeat"):
+            table.add_column(column)
+        for w in s.workers:
+            job = (f"{w.slurm_array_job_id}_{w.slurm_array_task_id}" if w.slurm_array_job_id else
+                   w.slurm_job_id or "-")
+            beat = f"{w.heartbeat_age_s:.0f} s ago" + (" [red]STALE[/]" if w.stale else "")
+            table.add_row(w.id, w.host, job, w.gpu or "-", w.task or "idle", str(w.tasks_done), beat)
+        parts.append(table)
+    eta = "-" if s.eta_s is None else _duration(s.eta_s)
+    blocked = f", {s.blocked} blocked by a failed dependency" if s.blocked else ""
+    parts.append(
+        f"total {s.total}: {s.pending} pending, {s.running} running, {s.done} done, {s.diverged} diverged, "
+        f"{s.failed} failed{blocked} | {s.gpu_minutes:.1f} GPU-min spent | {s.throughput_per_hour:.0f} rows/h "
+        f"| ETA {eta}"
+    )
+    db = s.database
+    journal = f", journal {db['journal_mode']} on {db['filesystem']}" if db.get("journal_mode") else ""
+    parts.append(f"[dim]database {db['url']} ({db['dialect']}, schema v{db['schema_version']}{journal})"
+                 + (f"; reaped {len(s.reaped)} stale rows" if s.reaped else "") + "[/]")
+    if not s.configs:
+        parts.append("no rows yet: run `hparray plan --search lr` first")
+    return parts
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _red(count: int) -> str:
+    return f"[red]{count}[/]" if count else "0"
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: every error becomes one line and an exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = any(arg in ("-v", "--verbose") for arg in argv) or os.environ.get("HPARRAY_VERBOSE") == "1"
+    try:
+        cli.main(args=argv, prog_name="hparray", standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.exceptions.ClickException as err:
+        command = err.ctx.command_path if getattr(err, "ctx", None) else "hparray"
+        err_console.print(f"error: {err.format_message()} (see `{command} --help`)", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except HparrayError as err:
+        if verbose:
+            traceback.print_exc()
+        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as err:  # a bug: say so in one line unless asked for the traceback
+        if verbose:
+            traceback.print_exc()
+        err_console.print(f"error: unexpected {type(err).__name__}: {err} (run with --verbose for the traceback)",
+                          markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,153 @@
+"""The local executor: N `hparray worker` processes on this machine until the sweep is done.
+
+The embedded default, with no Slurm: each worker gets its own GPU where there are GPUs, a
+worker that dies is replaced while work remains, and Ctrl-C stops every worker cleanly (each
+puts its row back). Progress is read from the database, the one source of truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hparray.store import Store
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+STOP_WAIT_S = 30.0
+
+
+@dataclass
+class ExecutorReport:
+    started: int = 0
+    replaced: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+    interrupted: bool = False
+    gave_up: str = ""
+
+
+def visible_gpus() -> list[str]:
+    """GPU indices this machine offers: CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu for gpu in listed.split(",") if gpu.strip() and gpu.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+class LocalExecutor:
+    """Keeps `workers` worker processes alive until no work is left or the user stops it."""
+
+    def __init__(self, store: Store, worker_args: list[str], workers: int, *, grace_s: float,
+                 log_dir: Path, progress: Callable[[], None] | None = None,
+                 max_replacements: int | None = None):
+        self.store = store
+        self.worker_args = worker_args
+        self.workers = workers
+        self.grace_s = grace_s
+        self.log_dir = log_dir
+        self.progress = progress or (lambda: None)
+        self.max_replacements = max_replacements if max_replacements is not None else 3 * workers + 3
+        self.gpus = visible_gpus()
+        self.report = ExecutorReport()
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._slot_of: dict[int, int] = {}
+        self._worker_of: dict[int, str] = {}
+
+    def _spawn(self, slot: int) -> None:
+        env = dict(os.environ)
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_dir / f"worker-{slot}.log", "ab")  # noqa: SIM115 - handed to the child
+        worker_id = f"{os.uname().nodename.split('.')[0]}-local{slot}-{self.report.started}-{os.getpid()}"
+        proc = subprocess.Popen([sys.executable, "-m", "hparray", *self.worker_args, "--worker-id", worker_id],
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+        self._procs[proc.pid] = proc
+        self._slot_of[proc.pid] = slot
+        self._worker_of[proc.pid] = worker_id
+        self.report.started += 1
+
+    def _work_left(self) -> bool:
+        totals = {row.status: row.n for row in self.store.fetch("task_totals")}
+        blocked = int(self.store.scalar("blocked_tasks") or 0)
+        return totals.get("pending", 0) - blocked > 0 or totals.get("running", 0) > 0
+
+    def run(self) -> ExecutorReport:
+        """Start the workers and supervise them; returns when they are all gone."""
+        previous = signal.signal(signal.SIGINT, self._interrupt)
+        previous_term = signal.signal(signal.SIGTERM, self._interrupt)
+        try:
+            for slot in range(self.workers):
+                self._spawn(slot)
+            last_reap = 0.0
+            while self._procs:
+                time.sleep(POLL_S)
+                self.progress()
+                if time.time() - last_reap > min(self.grace_s / 2, 30.0):
+                    self.store.reap(time.time(), self.grace_s)
+                    last_reap = time.time()
+                for pid, proc in list(self._procs.items()):
+                    code = proc.poll()
+                    if code is None:
+                        continue
+                    slot = self._slot_of.pop(pid)
+                    worker_id = self._worker_of.pop(pid)
+                    del self._procs[pid]
+                    self.report.exit_codes.append(code)
+                    if code != 0:  # its row, if any, need not wait out the heartbeat grace
+                        self.store.reap(time.time(), self.grace_s, gone_workers=[worker_id])
+                    if code != 0 and not self.report.interrupted and self._work_left():
+                        if self.report.replaced >= self.max_replacements:
+                            self.report.gave_up = (f"workers died {self.report.replaced + 1} times; "
+                                                   f"see {self.log_dir}/worker-*.log")
+                            continue
+                        log.warning("worker in slot %d exited with %s; replacing it", slot, code)
+                        self.report.replaced += 1
+                        self._spawn(slot)
+                # Workers that died while rows were still running get them back after the grace;
+                # keep one worker alive to pick those up.
+                if not self._procs and not self.report.interrupted and not self.report.gave_up \
+                        and self._work_left():
+                    self._spawn(0)
+            self.progress()
+        except KeyboardInterrupt:
+            self._stop_all()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
+        return self.report
+
+    def _interrupt(self, _signum: int, _frame: object) -> None:
+        if not self.report.interrupted:
+            self.report.interrupted = True
+            raise KeyboardInterrupt
+
+    def _stop_all(self) -> None:
+        """SIGTERM every worker (each releases its row), then wait; SIGKILL stragglers."""
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + STOP_WAIT_S
+        for proc in self._procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            self.report.exit_codes.append(proc.returncode if proc.returncode is not None else -9)
+        self._procs.clear()

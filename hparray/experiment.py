@@ -1,0 +1,145 @@
+"""One task, start to finish: read the video, ask the runner, score the unseen frames, save frames.
+
+The runner only produces frames; scoring happens here, the same way for every runner, so a
+built-in run and a user's script are measured by the same ruler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from hparray.config import Settings
+from hparray.errors import RunnerError
+from hparray.metrics import Scorer, trivial_prediction
+from hparray.plan import config_hash, task_seed
+from hparray.runner import Clip, Hyperparams, Runner, runner_class
+from hparray.tasks import ClaimedTask, TaskOutcome
+from hparray.videos import VideoRef, read_video
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    """'cuda' when this process sees a GPU, else 'cpu'."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Experiment:
+    """Holds the runner and the scorer for the life of a worker process (the model stays resident)."""
+
+    def __init__(self, settings: Settings, device: str | None = None, runner: Runner | None = None):
+        self.settings = settings
+        self.device = device or default_device()
+        self.runner = runner or runner_class(settings.runner["name"])(settings.runner, settings.model, self.device)
+        self.scorer = Scorer(list(settings.metrics), self.device)
+        self._loaded = False
+        self._load_s = 0.0
+        self._videos: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def load(self) -> None:
+        """Load the model once; its time is charged to the first task."""
+        if not self._loaded:
+            started = time.perf_counter()
+            self.runner.load()
+            self._load_s = time.perf_counter() - started
+            self._loaded = True
+
+    def matches_plan(self, task: ClaimedTask) -> bool:
+        """Whether this worker's settings would produce what the plan promised for `task`."""
+        hp = self.hyperparams(task)
+        return config_hash(task.kind, hp, self.settings)[0] == task.config_hash
+
+    @staticmethod
+    def hyperparams(task: ClaimedTask) -> Hyperparams:
+        return Hyperparams(lr=task.lr or 0.0, condition_frames=task.condition_frames,
+                           finetune_steps=task.finetune_steps or 0)
+
+    def frames(self, task: ClaimedTask) -> np.ndarray:
+        """The video's frames; the last few are kept, since rows are ordered video by video."""
+        if task.video_path not in self._videos:
+            data = self.settings.data
+            self._videos[task.video_path] = read_video(task.video_path, data.num_frames, data.height, data.width)
+            while len(self._videos) > 2:
+                self._videos.popitem(last=False)
+        return self._videos[task.video_path]
+
+    def run(self, task: ClaimedTask, artifact_dirs: list[Path]) -> TaskOutcome:
+        """Run `task`; artifacts go to the first of `artifact_dirs`, the others link to it."""
+        started = time.perf_counter()
+        self.load()
+        load_s, self._load_s = self._load_s, 0.0
+        truth = self.frames(task)
+        clip = Clip(VideoRef(task.video, task.video_path, task.category, task.caption), truth)
+        seed = task_seed(self.settings.seed, task.video_seed)
+        cf = task.condition_frames
+        if task.kind == "baseline":
+            generation = self.runner.baseline(clip, cf, seed)
+        else:
+            generation = self.runner.finetune_and_generate(clip, self.hyperparams(task), seed)
+        timings = {"load": load_s, "finetune": generation.timings_s.get("finetune", 0.0),
+                   "inference": generation.timings_s.get("inference", 0.0)}
+        outcome = TaskOutcome(status="diverged" if generation.diverged else "done", timings_s=timings,
+                              peak_memory_mb=generation.peak_memory_mb, details=dict(generation.notes))
+        if not generation.diverged:
+            if generation.frames is None or generation.frames.shape != truth.shape:
+                shape = None if generation.frames is None else generation.frames.shape
+                raise RunnerError(f"runner returned frames of shape {shape}, expected {truth.shape}")
+            scoring = time.perf_counter()
+            outcome.metrics = self.scorer.score(generation.frames, truth, cf)
+            if task.kind == "baseline":
+                outcome.trivial_metrics = self.scorer.score(trivial_prediction(truth, cf), truth, cf)
+            timings["metrics"] = time.perf_counter() - scoring
+            outcome.lpips_weights = self.scorer.lpips_weights
+            if artifact_dirs:
+                outcome.artifact_dir = str(write_artifacts(generation.frames, artifact_dirs,
+                                                           self.settings.model["frame_rate"]))
+        timings["wall"] = time.perf_counter() - started
+        return outcome
+
+
+def write_artifacts(frames: np.ndarray, dirs: list[Path], fps: int) -> Path:
+    """frames.npz (lossless float32) and generated.mp4 (to watch), each written to a temporary
+    name and renamed, so a killed worker never leaves half a file; other dirs become symlinks."""
+    target = dirs[0]
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = target / f".frames.{os.getpid()}.npz"
+    np.savez_compressed(tmp, frames=frames.astype(np.float32))
+    os.replace(tmp, target / "frames.npz")
+    tmp = target / f".generated.{os.getpid()}.mp4"
+    write_mp4(tmp, frames, fps)
+    os.replace(tmp, target / "generated.mp4")
+    for other in dirs[1:]:
+        other.parent.mkdir(parents=True, exist_ok=True)
+        if not other.exists() and not other.is_symlink():
+            try:
+                other.symlink_to(os.path.relpath(target, other.parent), target_is_directory=True)
+            except FileExistsError:
+                pass  # another attempt of the same row linked it first
+    return target
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
+    """An H.264 (or MPEG-4 where x264 is missing) video of float frames in [0, 1]."""
+    import av
+
+    data = (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    with av.open(str(path), mode="w", format="mp4") as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = data.shape[2], data.shape[1]
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "18"}
+        for frame in data:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

@@ -1,0 +1,93 @@
+"""The runner protocol: what every task row asks of an experiment implementation.
+
+A runner is loaded once per worker process and then serves many tasks, so that the model
+stays resident; it returns the whole predicted video and hparray scores it itself, so the
+metrics are the same whichever runner produced the frames.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from hparray.errors import ConfigError
+from hparray.videos import VideoRef
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """The three factors a sweep varies."""
+
+    lr: float
+    condition_frames: int
+    finetune_steps: int
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A video as a runner sees it: its reference and its frames, (T, H, W, 3) float32 in [0, 1]."""
+
+    ref: VideoRef
+    frames: np.ndarray
+
+
+@dataclass
+class Generation:
+    """What a runner returns for one task.
+
+    `frames` is the whole predicted video (conditioning frames included), (T, H, W, 3) float32
+    in [0, 1], or None when the run diverged. `timings_s` holds at least `finetune` and
+    `inference` seconds; `peak_memory_mb` is CUDA max allocated on a GPU, process RSS on a CPU.
+    """
+
+    frames: np.ndarray | None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: float = 0.0
+    diverged: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """An experiment implementation; constructed with (runner_settings, model_settings, device)."""
+
+    def load(self) -> None:
+        """Load the model once per worker process (slow); later calls are no-ops."""
+
+    def baseline(self, clip: Clip, condition_frames: int, seed: int) -> Generation:
+        """Generate the continuation with the un-fine-tuned model."""
+
+    def finetune_and_generate(self, clip: Clip, hp: Hyperparams, seed: int) -> Generation:
+        """Fine-tune on the first `hp.condition_frames` frames, generate, then restore the base weights."""
+
+
+BUILTIN_RUNNERS = {
+    "ltx": "hparray.runners.ltx:LTXRunner",
+    "command": "hparray.runners.command:CommandRunner",
+}
+
+
+def runner_class(name: str) -> type:
+    """Resolve `runner.name` (`ltx`, `command` or `package.module:Class`) to a class."""
+    target = BUILTIN_RUNNERS.get(name, name)
+    if ":" not in target:
+        raise ConfigError(
+            f"runner.name {name!r} is not a runner: use 'ltx', 'command' or 'package.module:Class'"
+        )
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"runner.name {name!r}: cannot import module {module_name!r} ({exc}); "
+            "check the spelling and that the package is installed"
+        ) from exc
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise ConfigError(
+            f"runner.name {name!r}: module {module_name!r} has no class {class_name!r}"
+        ) from None

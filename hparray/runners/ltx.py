@@ -1,0 +1,524 @@
+"""Per-video test-time fine-tuning of LTX-Video (diffusers' `LTXConditionPipeline`), in process.
+
+The model is loaded once per worker and serves many tasks: each task fine-tunes the
+transformer on the video's conditioning frames, generates the continuation, then puts the
+base weights back in memory, so tasks never see each other's fine-tuning and a fixed seed
+gives bit-identical output whatever ran before.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hparray.errors import ConfigError, RunnerError
+from hparray.runner import Clip, Generation, Hyperparams
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import LTXConditionPipeline
+
+TINY_SEED = 0
+"""Seed of the built-in tiny model's random initialisation: the same weights on every node."""
+
+_FINETUNE_SEED_OFFSET = 1
+"""Keeps the fine-tuning noise stream distinct from the sampling noise of the same seed."""
+
+_PROMPT_TOKENS = 1
+"""Length of the all-zero prompt: cross-attention over identical tokens is the same for any length."""
+
+_LORA_ADAPTER = "hparray"
+_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _tiny_modules() -> tuple[Any, Any]:
+    """The tiny transformer and VAE: diffusers' own test sizes, LTX's real 32x/8x compression."""
+    from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
+
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=1,
+        caption_channels=32,
+    )
+    scaling = (True, True, True, False)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=scaling,
+        decoder_spatio_temporal_scaling=scaling,
+        decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4,
+        upsample_factor=(1,) * 4,
+        timestep_conditioning=False,
+        patch_size=4,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    return transformer, vae
+
+
+def build_tiny_pipeline(weights_dir: Path | None) -> LTXConditionPipeline:
+    """The built-in tiny LTX pipeline: shipped trained weights from `weights_dir`, else seeded random ones.
+
+    Random initialisation happens under a forked RNG seeded with TINY_SEED, so the weights are
+    bit-identical on every call and the caller's global RNG is left untouched.
+    """
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXConditionPipeline
+
+    if weights_dir is not None:
+        pipe = LTXConditionPipeline.from_pretrained(
+            str(weights_dir), text_encoder=None, tokenizer=None
+        )
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            transformer, vae = _tiny_modules()
+        pipe = LTXConditionPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            transformer=transformer,
+        )
+    # Framewise VAE tiling changes results and buys nothing at these sizes.
+    pipe.vae.use_framewise_encoding = False
+    pipe.vae.use_framewise_decoding = False
+    return pipe
+
+
+@dataclass(frozen=True)
+class ConditioningPlan:
+    """How c conditioning frames map onto LTX conditions.
+
+    The VAE encodes videos of s*m+1 frames only, so the first `prefix` frames go in as one
+    video condition and the `leftover` frames after it as single-image conditions at their
+    own frame index; together they are exactly the first c frames.
+    """
+
+    prefix: int
+    leftover: tuple[int, ...]
+
+
+def conditioning_plan(condition_frames: int, temporal_ratio: int) -> ConditioningPlan:
+    """Split the first `condition_frames` frames into a hard video prefix and single frames."""
+    prefix = (condition_frames - 1) // temporal_ratio * temporal_ratio + 1
+    return ConditioningPlan(prefix=prefix, leftover=tuple(range(prefix, condition_frames)))
+
+
+def generated_frame_count(num_frames: int, temporal_ratio: int) -> int:
+    """Smallest s*m+1 >= num_frames: the pipeline silently shortens any other count."""
+    return math.ceil((num_frames - 1) / temporal_ratio) * temporal_ratio + 1
+
+
+def _peak_rss_mb() -> float:
+    """Process RSS high-water mark (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class LTXRunner:
+    """The `ltx` runner: LTX-Video with no text encoder, full or LoRA test-time fine-tuning."""
+
+    def __init__(self, runner: dict[str, Any], model: dict[str, Any], device: str) -> None:
+        path = model.get("path")
+        self.model_path = Path(path) if path is not None else None
+        # The tiny model (35k parameters) gains nothing from a GPU, and on the CPU its numbers
+        # are the same on every node.
+        self.device = device if self.model_path is not None else "cpu"
+        self.finetune_mode = str(model.get("finetune", "full"))
+        self.lora_rank = int(model.get("lora_rank", 8))
+        self.inference_steps = int(model.get("inference_steps", 8))
+        self.guidance_scale = float(model.get("guidance_scale", 1.0))
+        self.dtype_name = str(model.get("dtype", "float32"))
+        self.frame_rate = int(model.get("frame_rate", 25))
+        if self.finetune_mode not in ("full", "lora"):
+            raise ConfigError(f"model.finetune is {self.finetune_mode!r}: use 'full' or 'lora'")
+        if self.dtype_name not in _DTYPES:
+            raise ConfigError(f"model.dtype is {self.dtype_name!r}: use one of {', '.join(_DTYPES)}")
+        if self.lora_rank < 1 or self.inference_steps < 1 or self.frame_rate < 1:
+            raise ConfigError(
+                "model.lora_rank, model.inference_steps and model.frame_rate must be positive"
+            )
+        self.pipe: Any = None
+        self._snapshot: dict[str, torch.Tensor] = {}
+        self._unreported_load_s = 0.0
+
+    # ----------------------------------------------------------------- loading
+
+    def load(self) -> None:
+        """Build or read the pipeline and snapshot the transformer's weights; later calls do nothing."""
+        if self.pipe is not None:
+            return
+        started = time.perf_counter()
+        import torch
+
+        # The pipeline passes its own timesteps without sigmas on every call; the scheduler's
+        # warning about that is noise in every worker log.
+        logging.getLogger("diffusers.schedulers.scheduling_flow_match_euler_discrete").setLevel(
+            logging.ERROR
+        )
+        dtype = getattr(torch, self.dtype_name)
+        try:
+            if self.model_path is None:
+                pipe = build_tiny_pipeline(None)
+            else:
+                from diffusers import LTXConditionPipeline
+
+                pipe = LTXConditionPipeline.from_pretrained(
+                    str(self.model_path), text_encoder=None, tokenizer=None, torch_dtype=dtype
+                )
+                pipe.vae.use_framewise_encoding = False
+                pipe.vae.use_framewise_decoding = False
+            if pipe.transformer.dtype != dtype:
+                pipe.to(dtype=dtype)
+            pipe.to(self.device)
+        except (OSError, ValueError, RuntimeError) as exc:
+            where = self.model_path if self.model_path is not None else "the built-in tiny model"
+            raise RunnerError(f"cannot load LTX-Video from {where}: {exc}") from exc
+        pipe.set_progress_bar_config(disable=True)
+        pipe.vae.requires_grad_(False)
+        pipe.transformer.requires_grad_(False)
+        pipe.transformer.eval()
+        self.pipe = pipe
+        self._snapshot = {
+            name: tensor.detach().clone() for name, tensor in pipe.transformer.state_dict().items()
+        }
+        self._unreported_load_s = time.perf_counter() - started
+
+    # ------------------------------------------------------------------- tasks
+
+    def baseline(self, clip: Clip, condition_frames: int, seed: int) -> Generation:
+        """Generate the continuation with the un-fine-tuned weights."""
+        timings = self._begin_task()
+        frames = self._check_clip(clip, condition_frames)
+        timings["finetune"] = 0.0
+        return self._generate_task(frames, condition_frames, seed, timings, {})
+
+    def finetune_and_generate(self, clip: Clip, hp: Hyperparams, seed: int) -> Generation:
+        """Fine-tune on the first `hp.condition_frames` frames, generate, restore the base weights."""
+        timings = self._begin_task()
+        frames = self._check_clip(clip, hp.condition_frames)
+        try:
+            started = time.perf_counter()
+            losses, diverged_at = self._finetune(frames, hp, seed)
+            timings["finetune"] = self._elapsed(started)
+            notes: dict[str, Any] = {"loss_first": losses[0], "loss_last": losses[-1]} if losses else {}
+            if diverged_at is not None:
+                timings["inference"] = 0.0
+                notes["diverged_at_step"] = diverged_at
+                return Generation(
+                    frames=None,
+                    timings_s=timings,
+                    peak_memory_mb=self._peak_memory_mb(),
+                    diverged=True,
+                    notes=notes,
+                )
+            return self._generate_task(frames, hp.condition_frames, seed, timings, notes)
+        finally:
+            self._restore()
+
+    # ---------------------------------------------------------------- internals
+
+    def _begin_task(self) -> dict[str, float]:
+        import torch
+
+        self.load()
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+        timings = {"load": self._unreported_load_s}
+        self._unreported_load_s = 0.0
+        return timings
+
+    def _elapsed(self, started: float) -> float:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+    def _peak_memory_mb(self) -> float:
+        import torch
+
+        if self.device.startswith("cuda"):
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return _peak_rss_mb()
+
+    def _check_clip(self, clip: Clip, condition_frames: int) -> np.ndarray:
+        frames = np.asarray(clip.frames, dtype=np.float32)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise RunnerError(f"video {clip.ref.name}: frames have shape {frames.shape}, expected (T, H, W, 3)")
+        num_frames, height, width, _ = frames.shape
+        ratio = self.pipe.vae_spatial_compression_ratio
+        if height % ratio or width % ratio:
+            raise RunnerError(
+                f"video {clip.ref.name}: {height}x{width} frames, LTX-Video needs multiples of {ratio}"
+            )
+        if not 1 <= condition_frames < num_frames:
+            raise RunnerError(
+                f"video {clip.ref.name}: condition_frames={condition_frames} must be in 1..{num_frames - 1} "
+                f"for a {num_frames}-frame clip"
+            )
+        return frames
+
+    def _prompt(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-zero prompt embeddings with a full mask: the model runs with no text encoder."""
+        import torch
+
+        channels = self.pipe.transformer.config.caption_channels
+        embeds = torch.zeros(
+            batch, _PROMPT_TOKENS, channels, device=self.device, dtype=self.pipe.transformer.dtype
+        )
+        mask = torch.ones(batch, _PROMPT_TOKENS, device=self.device, dtype=torch.long)
+        return embeds, mask
+
+    def _generate_task(
+        self,
+        frames: np.ndarray,
+        condition_frames: int,
+        seed: int,
+        timings: dict[str, float],
+        notes: dict[str, Any],
+    ) -> Generation:
+        started = time.perf_counter()
+        video = self._generate(frames, condition_frames, seed)
+        timings["inference"] = self._elapsed(started)
+        if not np.all(np.isfinite(video)):
+            notes["diverged_in"] = "inference"
+            return Generation(
+                frames=None,
+                timings_s=timings,
+                peak_memory_mb=self._peak_memory_mb(),
+                diverged=True,
+                notes=notes,
+            )
+        return Generation(
+            frames=video, timings_s=timings, peak_memory_mb=self._peak_memory_mb(), notes=notes
+        )
+
+    def _generate(self, frames: np.ndarray, condition_frames: int, seed: int) -> np.ndarray:
+        """The whole video, conditioned on exactly its first `condition_frames` frames."""
+        import torch
+        from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+
+        num_frames, height, width, _ = frames.shape
+        ratio_t = self.pipe.vae_temporal_compression_ratio
+        plan = conditioning_plan(condition_frames, ratio_t)
+        conditions = [LTXVideoCondition(video=frames[: plan.prefix], frame_index=0)]
+        conditions += [LTXVideoCondition(image=frames[i], frame_index=i) for i in plan.leftover]
+        embeds, mask = self._prompt(1)
+        negative: dict[str, torch.Tensor] = {}
+        if self.guidance_scale > 1.0:
+            negative = {"negative_prompt_embeds": embeds, "negative_prompt_attention_mask": mask}
+        out = self.pipe(
+            conditions=conditions,
+            prompt_embeds=embeds,
+            prompt_attention_mask=mask,
+            height=height,
+            width=width,
+            num_frames=generated_frame_count(num_frames, ratio_t),
+            frame_rate=self.frame_rate,
+            num_inference_steps=self.inference_steps,
+            guidance_scale=self.guidance_scale,
+            image_cond_noise_scale=0.0,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pt",
+            **negative,
+        ).frames
+        video = out[0, :num_frames].permute(0, 2, 3, 1).float().cpu().numpy()
+        return np.ascontiguousarray(video, dtype=np.float32)
+
+    def _encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Normalised latents exactly as the pipeline encodes its conditions."""
+        from diffusers.pipelines.ltx.pipeline_ltx_condition import retrieve_latents
+
+        pipe = self.pipe
+        latents = retrieve_latents(pipe.vae.encode(pixels.to(self.device, pipe.vae.dtype)), generator)
+        return pipe._normalize_latents(latents, pipe.vae.latents_mean, pipe.vae.latents_std).float()
+
+    def _token_coords(self, latent_frames: int, latent_h: int, latent_w: int, frame_index: int) -> torch.Tensor:
+        pipe = self.pipe
+        ids = pipe._prepare_video_ids(
+            1,
+            latent_frames,
+            latent_h,
+            latent_w,
+            patch_size=pipe.transformer_spatial_patch_size,
+            patch_size_t=pipe.transformer_temporal_patch_size,
+            device=self.device,
+        )
+        return pipe._scale_video_ids(
+            ids,
+            scale_factor=pipe.vae_spatial_compression_ratio,
+            scale_factor_t=pipe.vae_temporal_compression_ratio,
+            frame_index=frame_index,
+            device=self.device,
+        )
+
+    def _training_tokens(
+        self, frames: np.ndarray, condition_frames: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Clean latent tokens of the conditioning frames, laid out as the pipeline lays out its conditions.
+
+        Returns (tokens (1, S, C), coordinates (1, 3, S) already divided by the frame rate,
+        the number of single-frame tokens, the number of latent frames of the video prefix):
+        single-frame conditions come first, as in the pipeline, then the prefix, frame-major.
+        """
+        import torch
+
+        pipe = self.pipe
+        _, height, width, _ = frames.shape
+        plan = conditioning_plan(condition_frames, pipe.vae_temporal_compression_ratio)
+        latent_h = height // pipe.vae_spatial_compression_ratio
+        latent_w = width // pipe.vae_spatial_compression_ratio
+        p, pt = pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size
+        tokens, coords = [], []
+        with torch.no_grad():
+            for i in plan.leftover:
+                pixels = pipe.video_processor.preprocess(frames[i], height, width).unsqueeze(2)
+                latents = self._encode(pixels, generator)
+                tokens.append(pipe._pack_latents(latents, p, pt))
+                coords.append(self._token_coords(1, latent_h, latent_w, i))
+            pixels = pipe.video_processor.preprocess_video(frames[: plan.prefix], height, width)
+            prefix = self._encode(pixels, generator)
+            tokens.append(pipe._pack_latents(prefix, p, pt))
+            coords.append(self._token_coords(prefix.shape[2], latent_h, latent_w, 0))
+        video_coords = torch.cat(coords, dim=2).float()
+        video_coords[:, 0] = video_coords[:, 0] / self.frame_rate
+        image_tokens = sum(t.shape[1] for t in tokens[:-1])
+        return torch.cat(tokens, dim=1), video_coords, image_tokens, prefix.shape[2]
+
+    def _sampler_sigmas(self) -> torch.Tensor:
+        """The noise levels the sampler visits: fine-tuning at exactly these wastes no steps."""
+        from diffusers.pipelines.ltx.pipeline_ltx_condition import (
+            linear_quadratic_schedule,
+            retrieve_timesteps,
+        )
+
+        steps = self.inference_steps
+        retrieve_timesteps(
+            self.pipe.scheduler, steps, "cpu", np.asarray(linear_quadratic_schedule(steps)) * 1000
+        )
+        sigmas = self.pipe.scheduler.sigmas.float().cpu()
+        return sigmas[sigmas > 0]
+
+    def _trainable(self, seed: int) -> list[torch.nn.Parameter]:
+        """Parameters to optimise: the whole transformer, or a fresh seeded LoRA adapter."""
+        import torch
+
+        transformer = self.pipe.transformer
+        if self.finetune_mode == "full":
+            transformer.requires_grad_(True)
+            return [param for param in transformer.parameters()]
+        from peft import LoraConfig
+
+        config = LoraConfig(
+            r=self.lora_rank,
+            lora_alpha=self.lora_rank,
+            init_lora_weights=True,
+            target_modules=_LORA_TARGETS,
+        )
+        # peft initialises lora_A from the global CPU RNG: seed it so LoRA runs repeat exactly.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            transformer.add_adapter(config, adapter_name=_LORA_ADAPTER)
+        params = [param for name, param in transformer.named_parameters() if "lora_" in name]
+        for param in params:
+            param.requires_grad_(True)
+        return params
+
+    def _finetune(
+        self, frames: np.ndarray, hp: Hyperparams, seed: int
+    ) -> tuple[list[float], int | None]:
+        """AdamW on the flow-matching loss the sampler integrates; returns (losses, step of divergence).
+
+        Each step keeps a random number of leading latent frames clean at timestep 0 (as the
+        pipeline keeps its conditions) and noises the rest to one of the sampler's levels:
+        x_t = (1 - sigma) x0 + sigma noise, timestep sigma*1000, target noise - x0.
+        """
+        import torch
+
+        if hp.finetune_steps <= 0:
+            return [], None
+        generator = torch.Generator("cpu").manual_seed(seed + _FINETUNE_SEED_OFFSET)
+        clean, coords, image_tokens, prefix_latent_frames = self._training_tokens(
+            frames, hp.condition_frames, generator
+        )
+        tokens = clean.shape[1]
+        per_frame = (tokens - image_tokens) // prefix_latent_frames
+        # At least the first latent frame stays clean, as in generation; leftover single frames
+        # lie after the prefix in time, so with them the whole prefix may be clean. A lone
+        # latent frame (condition_frames == 1) can only be denoised from scratch.
+        fewest_clean = 1 if image_tokens or prefix_latent_frames > 1 else 0
+        most_clean = prefix_latent_frames if image_tokens else prefix_latent_frames - 1
+        sigmas = self._sampler_sigmas()
+        embeds, mask = self._prompt(1)
+        transformer = self.pipe.transformer
+        params = self._trainable(seed)
+        optimizer = torch.optim.AdamW(params, lr=hp.lr)
+        transformer.train()
+        losses: list[float] = []
+        try:
+            for step in range(hp.finetune_steps):
+                clean_frames = int(
+                    torch.randint(fewest_clean, most_clean + 1, (1,), generator=generator)
+                )
+                sigma = sigmas[int(torch.randint(0, len(sigmas), (1,), generator=generator))]
+                noise = torch.randn(clean.shape, generator=generator).to(self.device)
+                is_clean = torch.zeros(tokens, dtype=torch.bool, device=self.device)
+                is_clean[image_tokens : image_tokens + clean_frames * per_frame] = True
+                keep = is_clean[None, :, None]
+                noisy = torch.where(keep, clean, (1 - sigma) * clean + sigma * noise)
+                timestep = torch.where(is_clean, 0.0, float(sigma) * 1000.0)[None]
+                pred = transformer(
+                    hidden_states=noisy.to(transformer.dtype),
+                    encoder_hidden_states=embeds,
+                    timestep=timestep,
+                    encoder_attention_mask=mask,
+                    video_coords=coords,
+                    return_dict=False,
+                )[0].float()
+                target = noise - clean
+                loss = ((pred - target) ** 2)[:, ~is_clean].mean()
+                value = loss.detach().item()
+                if not math.isfinite(value):
+                    return losses, step
+                losses.append(value)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        finally:
+            transformer.eval()
+        return losses, None
+
+    def _restore(self) -> None:
+        """Put the base weights back (~1 ms): the next task starts from the same model.
+
+        A LoRA adapter is unloaded rather than only deleted: `delete_adapters` leaves empty peft
+        wrappers whose state_dict keys (`...base_layer.weight`) no longer match the snapshot.
+        """
+        transformer = self.pipe.transformer
+        if getattr(transformer, "peft_config", None):
+            transformer.unload_lora()
+        transformer.requires_grad_(False)
+        transformer.load_state_dict(self._snapshot)

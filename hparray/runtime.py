@@ -1,0 +1,80 @@
+"""Wiring for `hparray worker`: settings + store + experiment + the job's time budget -> Worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from hparray.config import Settings
+from hparray.experiment import Experiment
+from hparray.store import Store
+from hparray.tasks import ClaimedTask
+from hparray.worker import ConfigMismatch, Worker, WorkerIdentity, WorkerSummary
+from hparray.errors import HparrayError
+
+log = logging.getLogger(__name__)
+
+DURATION_PERCENTILE = 0.9
+
+
+class TaskClock:
+    """Expected task durations: a high percentile of this sweep's finished tasks of the same kind,
+    or the config's estimate until there are a few."""
+
+    def __init__(self, store: Store, refresh_every: int = 10):
+        self.store = store
+        self.refresh_every = refresh_every
+        self._cache: dict[str, tuple[int, float | None]] = {}
+
+    def expected(self, task: ClaimedTask) -> float:
+        uses, value = self._cache.get(task.kind, (self.refresh_every, None))
+        if uses >= self.refresh_every:
+            durations = sorted(row.wall_s for row in self.store.fetch("durations_by_kind", {"kind": task.kind}))
+            value = durations[min(len(durations) - 1, int(DURATION_PERCENTILE * len(durations)))] \
+                if len(durations) >= 3 else None
+            uses = 0
+        self._cache[task.kind] = (uses + 1, value)
+        return value if value is not None else task.estimate_s
+
+
+def job_deadline() -> float | None:
+    """When the Slurm job running this process ends (unix time), or None outside Slurm."""
+    end = os.environ.get("SLURM_JOB_END_TIME")
+    if end and end.isdigit():
+        return float(end)
+    return None
+
+
+def artifact_dirs(store: Store, settings: Settings, task: ClaimedTask) -> list[Path]:
+    """results/<search>_search/<config>/<video>/ for every search holding the config;
+    un-fine-tuned rows under results/baseline_inference/cf_<N>/<video>/."""
+    root = settings.output_path()
+    if task.kind == "baseline":
+        return [root / "baseline_inference" / f"cf_{task.condition_frames}" / task.video]
+    names = store.fetch("config_names", {"config_hash": task.config_hash})
+    return [root / f"{row.search}_search" / row.name / task.video for row in names]
+
+
+def run_worker(settings: Settings, store: Store, *, max_tasks: int | None = None, worker_id: str | None = None,
+               poll_s: float = 2.0) -> WorkerSummary:
+    """Run one worker process to completion."""
+    identity = WorkerIdentity.from_environment(worker_id)
+    experiment = Experiment(settings)
+    clock = TaskClock(store)
+    worker = Worker(
+        store, lambda task: experiment.run(task, artifact_dirs(store, settings, task)), identity,
+        heartbeat_interval_s=settings.tasks.heartbeat_interval_s,
+        heartbeat_grace_s=settings.tasks.heartbeat_grace_s, max_tasks=max_tasks, poll_s=poll_s,
+        deadline=job_deadline(), signal_grace_s=settings.slurm.signal_grace_s,
+        expected_duration=clock.expected, check=experiment.matches_plan,
+    )
+    log.info("worker %s starting (pid %d, gpu %s)", identity.id, identity.pid, identity.gpu)
+    started = time.time()
+    try:
+        summary = worker.run()
+    except ConfigMismatch as err:
+        raise HparrayError(str(err)) from None
+    log.info("worker %s stopped after %.0f s: %s", identity.id, time.time() - started, summary.stop_reason)
+    return summary

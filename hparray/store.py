@@ -1,0 +1,509 @@
+"""The task table: SQLAlchemy over SQLite (default `./results.db`) or any SQLAlchemy URL.
+
+Every statement on the hot path (claim, heartbeat, finish, release, reap) is a named statement
+in `sql/queries.sql`; the schema is the numbered migrations in `sql/migrations/`, applied on
+open. Callers pass the clock (`now`) so that tests drive time instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, exc, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import NullPool
+
+from hparray.errors import StoreError, StoreUnreachable
+from hparray.tasks import ClaimedTask, TaskOutcome, TaskSpec
+
+log = logging.getLogger(__name__)
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+DEFAULT_DB = "results.db"
+# 64 workers queueing behind one writer each holding the lock for ~1 ms never get near this;
+# it only has to outlast a slow checkpoint or a stalled NFS lock server.
+SQLITE_BUSY_TIMEOUT_S = 60.0
+NETWORK_FILESYSTEMS = {
+    "nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph", "fuse.sshfs",
+    "glusterfs", "fuse.glusterfs", "panfs", "9p", "afs", "fuse.ceph", "wekafs", "fuse.juicefs",
+}
+HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+
+
+def _load_queries() -> dict[str, str]:
+    queries: dict[str, str] = {}
+    name = None
+    for line in (SQL_DIR / "queries.sql").read_text().splitlines():
+        if match := re.match(r"--\s*name:\s*(\S+)", line):
+            name = match.group(1)
+            queries[name] = ""
+        elif name and not line.lstrip().startswith("--"):
+            queries[name] += line + "\n"
+    return {key: value.strip().rstrip(";") for key, value in queries.items()}
+
+
+QUERIES = _load_queries()
+
+
+@dataclass(frozen=True)
+class PlanCounts:
+    """What applying a plan did: rows added and rows that were already there."""
+
+    new_tasks: int
+    existing_tasks: int
+    new_configs: int
+
+
+@dataclass(frozen=True)
+class ReapReport:
+    """Rows the reaper gave back (pending again) or gave up on (failed)."""
+
+    released: list[int]
+    failed: list[int]
+
+
+def resolve_url(db: str | None) -> str:
+    """`--db` / `HPARRAY_DB` / `./results.db`; a bare path means an SQLite file."""
+    db = db or os.environ.get("HPARRAY_DB") or DEFAULT_DB
+    if "://" not in db:
+        return f"sqlite:///{Path(db).expanduser().resolve()}"
+    if db.startswith("postgresql://") or db.startswith("postgres://"):
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; hparray ships psycopg 3.
+        db = "postgresql+psycopg://" + db.split("://", 1)[1]
+    return db
+
+
+def filesystem_type(path: Path) -> str:
+    """The filesystem type holding `path`, from /proc/mounts (longest matching mount point)."""
+    path = path.resolve()
+    best, kind = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        if (str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, kind = mount, parts[2]
+    return kind
+
+
+class Store:
+    """One sweep's state. Open with `Store.open(url)`; safe to share between threads."""
+
+    def __init__(self, engine: Engine, url: str):
+        self.engine = engine
+        self.url = url
+        self.dialect = engine.dialect.name
+        self.filesystem = ""
+        self.journal_mode = ""
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, db: str | None = None, *, create: bool = True) -> Store:
+        """Connect, migrate to the current schema and choose the journal mode.
+
+        With `create=False` a missing SQLite file is an error that says to plan first.
+        """
+        url = resolve_url(db)
+        try:
+            parsed = make_url(url)
+        except exc.ArgumentError:
+            raise StoreUnreachable(
+                f"--db {url!r} is not a database URL: use a file path or e.g. postgresql://user@host/db"
+            ) from None
+        if parsed.get_backend_name() == "sqlite":
+            store = cls._open_sqlite(url, parsed.database or "", create)
+        else:
+            try:
+                engine = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+            except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
+                raise StoreUnreachable(f"--db {url!r}: {err}: use sqlite:///path or postgresql://...") from None
+            store = cls(engine, url)
+        store._migrate()
+        return store
+
+    @classmethod
+    def _open_sqlite(cls, url: str, database: str, create: bool) -> Store:
+        path = Path(database)
+        if database in ("", ":memory:"):
+            raise StoreUnreachable("an in-memory SQLite database cannot be shared by workers: give a file path")
+        if not create and not path.exists():
+            raise StoreError(f"no database at {path}: run `hparray plan --search lr` first, or pass --db")
+        if not path.parent.is_dir():
+            raise StoreUnreachable(f"--db {path}: folder {path.parent} does not exist: create it or fix the path")
+        # NullPool: a connection per operation keeps no file handle across fork and lets a
+        # long-idle worker never hold a stale lock; opening an SQLite file costs microseconds.
+        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Take transaction control from pysqlite so BEGIN IMMEDIATE means what it says.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # Writers take the lock up front: a deferred transaction that upgrades to a write
+            # fails with SQLITE_BUSY without ever waiting on busy_timeout.
+            mode = "BEGIN" if conn.get_execution_options().get("readonly") else "BEGIN IMMEDIATE"
+            conn.exec_driver_sql(mode)
+
+        store = cls(engine, url)
+        store.filesystem = filesystem_type(path.parent)
+        store._choose_journal_mode(path)
+        return store
+
+    def _choose_journal_mode(self, path: Path) -> None:
+        """WAL on a local disk; the rollback journal where WAL's shared memory cannot work."""
+        wanted = "delete" if self.filesystem in NETWORK_FILESYSTEMS else "wal"
+        wanted = os.environ.get("HPARRAY_SQLITE_JOURNAL", wanted).lower()
+        try:
+            raw = self.engine.raw_connection()
+            try:
+                cursor = raw.cursor()
+                current = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+                if current != wanted:
+                    current = cursor.execute(f"PRAGMA journal_mode = {wanted}").fetchone()[0]
+                self.journal_mode = current
+            finally:
+                raw.close()
+        except sqlite3.DatabaseError as err:
+            raise self._translate(err) from None
+        except exc.DBAPIError as err:
+            raise self._translate(err.orig or err) from None
+
+    def _translate(self, err: BaseException) -> StoreError:
+        message = str(err)
+        if "file is not a database" in message or "file is encrypted" in message:
+            return StoreUnreachable(f"{self.url} is not an SQLite database: move it away or point --db elsewhere")
+        if "locked" in message:
+            return StoreError(
+                f"{self.url} stayed locked by another process for over {SQLITE_BUSY_TIMEOUT_S:.0f} s: "
+                "find the process holding it (fuser) or try again"
+            )
+        if "readonly" in message or "unable to open" in message:
+            return StoreUnreachable(f"cannot write {self.url} ({message}): check the path and its permissions")
+        return StoreUnreachable(f"cannot use database {self.url}: {message}")
+
+    def _migrate(self) -> None:
+        """Apply every `sql/migrations/NNNN_*.sql` newer than the recorded version, one transaction each."""
+        migrations = sorted((SQL_DIR / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+        serial = "INTEGER PRIMARY KEY" if self.dialect == "sqlite" else "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
+        with self._write() as conn:
+            conn.execute(text(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
+            ))
+        for file in migrations:
+            version = int(file.name[:4])
+            with self._write() as conn:
+                if self.dialect == "postgresql":  # concurrent workers opening a fresh database
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7243001)"))
+                done = conn.execute(text("SELECT 1 FROM schema_migrations WHERE version = :v"), {"v": version})
+                if done.first():
+                    continue
+                for statement in _split_sql(file.read_text().replace("{{SERIAL_PK}}", serial)):
+                    conn.execute(text(statement))
+                conn.execute(
+                    text("INSERT INTO schema_migrations (version, name, applied_at) VALUES (:v, :n, :t)"),
+                    {"v": version, "n": file.stem, "t": time.time()},
+                )
+                log.info("applied migration %s", file.name)
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return conn.execute(text("SELECT MAX(version) FROM schema_migrations")).scalar() or 0
+
+    # ------------------------------------------------------------------ transactions
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except exc.OperationalError as err:
+            raise self._translate(err.orig or err) from None
+        except exc.DatabaseError as err:
+            if isinstance(err.orig, sqlite3.DatabaseError) or "connect" in str(err):
+                raise self._translate(err.orig or err) from None
+            raise
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect().execution_options(readonly=True) as conn, conn.begin():
+                yield conn
+        except exc.OperationalError as err:
+            raise self._translate(err.orig or err) from None
+
+    def _run(self, conn: Connection, name: str, params: dict[str, Any] | None = None) -> Any:
+        query = QUERIES.get(f"{name}.{self.dialect}") or QUERIES[name]
+        return conn.execute(text(query), params or {})
+
+    # ------------------------------------------------------------------ planning
+
+    def apply_plan(self, configs: Iterable[dict[str, Any]], search_configs: Iterable[dict[str, Any]],
+                   videos: Iterable[dict[str, Any]], tasks: list[TaskSpec], max_attempts: int,
+                   now: float) -> PlanCounts:
+        """Insert what is missing, in one transaction; rows already there are never touched."""
+        with self._write() as conn:
+            new_configs = 0
+            for row in configs:
+                exists = conn.execute(text("SELECT 1 FROM configs WHERE hash = :hash"), row).first()
+                if not exists:
+                    conn.execute(text(
+                        "INSERT INTO configs (hash, kind, lr, condition_frames, finetune_steps, params, created_at) "
+                        "VALUES (:hash, :kind, :lr, :condition_frames, :finetune_steps, :params, :now)"
+                    ), {**row, "now": now})
+                    new_configs += 1
+            for row in search_configs:
+                exists = conn.execute(text(
+                    "SELECT 1 FROM search_configs WHERE search = :search AND config_hash = :config_hash"), row).first()
+                if not exists:
+                    conn.execute(text(
+                        "INSERT INTO search_configs (search, config_hash, name, parameter, value, is_baseline) "
+                        "VALUES (:search, :config_hash, :name, :parameter, :value, :is_baseline)"), row)
+            for row in videos:
+                if not conn.execute(text("SELECT 1 FROM videos WHERE name = :name"), row).first():
+                    conn.execute(text(
+                        "INSERT INTO videos (name, path, category, caption, seed) "
+                        "VALUES (:name, :path, :category, :caption, :seed)"), row)
+            ids = self._task_ids(conn)
+            new_tasks = existing = 0
+            for spec in tasks:
+                key = (spec.config_hash, spec.video)
+                if key in ids:
+                    existing += 1
+                    continue
+                depends_on = ids[spec.depends_on] if spec.depends_on else None
+                insert = ("INSERT INTO tasks (config_hash, video, kind, depends_on, priority, max_attempts, "
+                          "estimate_s, created_at) VALUES (:config_hash, :video, :kind, :depends_on, :priority, "
+                          ":max_attempts, :estimate_s, :now)")
+                params = {"config_hash": spec.config_hash, "video": spec.video, "kind": spec.kind,
+                          "depends_on": depends_on, "priority": spec.priority, "max_attempts": max_attempts,
+                          "estimate_s": spec.estimate_s, "now": now}
+                if self.dialect == "sqlite":
+                    ids[key] = conn.execute(text(insert), params).lastrowid
+                else:
+                    ids[key] = conn.execute(text(insert + " RETURNING id"), params).scalar_one()
+                new_tasks += 1
+        return PlanCounts(new_tasks=new_tasks, existing_tasks=existing, new_configs=new_configs)
+
+    @staticmethod
+    def _task_ids(conn: Connection) -> dict[tuple[str, str], int]:
+        rows = conn.execute(text("SELECT config_hash, video, id FROM tasks"))
+        return {(row.config_hash, row.video): row.id for row in rows}
+
+    def existing_task_keys(self) -> set[tuple[str, str]]:
+        """(config_hash, video) of every row, for `plan --dry-run`."""
+        with self._read() as conn:
+            return set(self._task_ids(conn))
+
+    # ------------------------------------------------------------------ the worker's path
+
+    def claim(self, worker_id: str, now: float) -> ClaimedTask | None:
+        """Atomically take the first pending row whose dependency is done; start its attempt."""
+        lease = uuid.uuid4().hex
+        params = {"lease": lease, "worker_id": worker_id, "now": now}
+        with self._write() as conn:
+            if self.dialect != "sqlite" or HAS_RETURNING:
+                row = self._run(conn, "claim", params).first()
+                if row is None:
+                    return None
+                task_id = row.id
+            else:
+                candidate = self._run(conn, "claim_candidate").first()
+                if candidate is None:
+                    return None
+                task_id = candidate.id
+                self._run(conn, "claim_by_id", {**params, "task_id": task_id})
+            info = self._run(conn, "claimed_task", {"task_id": task_id}).one()
+            self._run(conn, "start_attempt",
+                      {"task_id": task_id, "lease": lease, "number": info.attempts, "worker_id": worker_id,
+                       "now": now})
+            self._run(conn, "heartbeat_worker", {"worker_id": worker_id, "task_id": task_id, "now": now})
+        return ClaimedTask(
+            id=task_id, lease=lease, attempt=info.attempts, max_attempts=info.max_attempts, kind=info.kind,
+            config_hash=info.config_hash, video=info.video, video_path=info.video_path, category=info.category,
+            caption=info.caption, video_seed=info.video_seed, lr=info.lr, condition_frames=info.condition_frames,
+            finetune_steps=info.finetune_steps, estimate_s=info.estimate_s,
+        )
+
+    def waiting_work(self) -> int:
+        """Pending rows that wait on a dependency still pending or running (worth polling for)."""
+        with self._read() as conn:
+            return int(self._run(conn, "waiting_work").scalar() or 0)
+
+    def heartbeat(self, task: ClaimedTask, worker_id: str, now: float) -> bool:
+        """Refresh the row's heartbeat; False when the lease was lost (reaped, reclaimed)."""
+        with self._write() as conn:
+            alive = self._run(conn, "heartbeat_task", {"task_id": task.id, "lease": task.lease, "now": now}).rowcount
+            self._run(conn, "heartbeat_attempt", {"lease": task.lease, "now": now})
+            self._run(conn, "heartbeat_worker", {"worker_id": worker_id, "task_id": task.id, "now": now})
+        return alive == 1
+
+    def finish(self, task: ClaimedTask, outcome: TaskOutcome, now: float) -> bool:
+        """Record the result; False (and an event) when the lease is no longer this attempt's."""
+        timings = outcome.timings_s
+        with self._write() as conn:
+            won = self._run(conn, "finish_task",
+                            {"task_id": task.id, "lease": task.lease, "status": outcome.status, "now": now}).rowcount
+            if won != 1:
+                self._fenced(conn, task, "finish", now)
+                return False
+            self._run(conn, "insert_result", {
+                "task_id": task.id, "lease": task.lease, "status": outcome.status, "now": now,
+                **{key: outcome.metrics.get(key) for key in ("psnr", "ssim", "lpips")},
+                **{f"trivial_{key}": outcome.trivial_metrics.get(key) for key in ("psnr", "ssim", "lpips")},
+                **{f"{key}_s": timings.get(key) for key in ("load", "finetune", "inference", "metrics", "wall")},
+                "peak_memory_mb": outcome.peak_memory_mb, "lpips_weights": outcome.lpips_weights,
+                "artifact_dir": outcome.artifact_dir, "details": json.dumps(outcome.details, default=str),
+            })
+            self._run(conn, "end_attempt", {"lease": task.lease, "now": now, "outcome": outcome.status,
+                                            "error": None, "traceback": None})
+            self._run(conn, "worker_task_done", {"worker_id": task_worker(conn, task), "now": now})
+        return True
+
+    def fail(self, task: ClaimedTask, error: str, traceback: str, now: float) -> str | None:
+        """The attempt raised: retry (pending) or give up (failed). Returns the row's new status."""
+        with self._write() as conn:
+            changed = self._run(conn, "fail_task",
+                                {"task_id": task.id, "lease": task.lease, "error": error, "now": now}).rowcount
+            if changed != 1:
+                self._fenced(conn, task, "fail", now)
+                return None
+            self._run(conn, "end_attempt", {"lease": task.lease, "now": now, "outcome": "error",
+                                            "error": error, "traceback": traceback})
+            return self._run(conn, "task_status", {"task_id": task.id}).scalar()
+
+    def release(self, task: ClaimedTask, reason: str, now: float) -> bool:
+        """Put the row back to pending without spending an attempt (clean stop)."""
+        with self._write() as conn:
+            changed = self._run(conn, "release_task", {"task_id": task.id, "lease": task.lease}).rowcount
+            if changed != 1:
+                self._fenced(conn, task, "release", now)
+                return False
+            self._run(conn, "end_attempt", {"lease": task.lease, "now": now, "outcome": "released",
+                                            "error": reason, "traceback": None})
+            self._run(conn, "log_event", {"now": now, "kind": "released", "task_id": task.id,
+                                          "lease": task.lease, "worker_id": None, "message": reason})
+        return True
+
+    def _fenced(self, conn: Connection, task: ClaimedTask, action: str, now: float) -> None:
+        message = f"{action} by attempt {task.attempt} ignored: its lease is no longer the row's"
+        log.warning("task %s: %s", task.id, message)
+        self._run(conn, "end_attempt", {"lease": task.lease, "now": now, "outcome": "fenced",
+                                        "error": message, "traceback": None})
+        self._run(conn, "log_event", {"now": now, "kind": "fenced", "task_id": task.id, "lease": task.lease,
+                                      "worker_id": None, "message": message})
+
+    # ------------------------------------------------------------------ workers
+
+    def register_worker(self, worker_id: str, host: str, pid: int, now: float, *, gpu: str | None = None,
+                        slurm: dict[str, str | None] | None = None) -> None:
+        slurm = slurm or {}
+        with self._write() as conn:
+            self._run(conn, "register_worker", {
+                "worker_id": worker_id, "host": host, "pid": pid, "gpu": gpu, "now": now,
+                "slurm_job_id": slurm.get("job_id"), "slurm_array_job_id": slurm.get("array_job_id"),
+                "slurm_array_task_id": slurm.get("array_task_id"),
+            })
+
+    def worker_heartbeat(self, worker_id: str, now: float) -> None:
+        with self._write() as conn:
+            self._run(conn, "heartbeat_worker", {"worker_id": worker_id, "task_id": None, "now": now})
+
+    def stop_worker(self, worker_id: str, now: float, state: str = "stopped") -> None:
+        with self._write() as conn:
+            self._run(conn, "stop_worker", {"worker_id": worker_id, "now": now, "state": state})
+
+    # ------------------------------------------------------------------ reaping
+
+    def running_tasks(self) -> list[Any]:
+        """Running rows with the Slurm ids of the worker holding them (for the Slurm-aware reaper)."""
+        with self._read() as conn:
+            return list(self._run(conn, "running_tasks"))
+
+    def reap(self, now: float, grace_s: float, gone_workers: Iterable[str] = ()) -> ReapReport:
+        """Give back running rows whose heartbeat is older than `grace_s`, and those held by
+        `gone_workers` (known dead: the process exited, Slurm forgot the job). A lost attempt stays spent."""
+        gone = set(gone_workers)
+        released: list[int] = []
+        failed: list[int] = []
+        with self._write() as conn:
+            rows = list(self._run(conn, "running_tasks"))
+            for row in rows:
+                stale = row.heartbeat_at is not None and row.heartbeat_at < now - grace_s
+                if not stale and row.worker_id not in gone:
+                    continue
+                why = (f"worker {row.worker_id} is gone" if row.worker_id in gone else
+                       f"worker {row.worker_id} silent for {now - row.heartbeat_at:.0f} s (grace {grace_s:.0f} s)")
+                changed = self._run(conn, "reap_task",
+                                    {"task_id": row.id, "lease": row.lease, "error": why, "now": now}).rowcount
+                if changed != 1:
+                    continue
+                self._run(conn, "end_attempt", {"lease": row.lease, "now": now, "outcome": "reaped",
+                                                "error": why, "traceback": None})
+                self._run(conn, "log_event", {"now": now, "kind": "reaped", "task_id": row.id, "lease": row.lease,
+                                              "worker_id": row.worker_id, "message": why})
+                status = self._run(conn, "task_status", {"task_id": row.id}).scalar()
+                (failed if status == "failed" else released).append(row.id)
+            self._run(conn, "lose_stale_workers", {"cutoff": now - grace_s, "now": now})
+            for worker_id in gone:
+                self._run(conn, "stop_worker", {"worker_id": worker_id, "now": now, "state": "lost"})
+        return ReapReport(released=released, failed=failed)
+
+    # ------------------------------------------------------------------ reading for status and reports
+
+    def fetch(self, name: str, params: dict[str, Any] | None = None) -> list[Any]:
+        """Rows of the named read-only statement in sql/queries.sql (status and report)."""
+        with self._read() as conn:
+            return list(self._run(conn, name, params))
+
+    def scalar(self, name: str, params: dict[str, Any] | None = None) -> Any:
+        """The single value of a named read-only statement."""
+        with self._read() as conn:
+            return self._run(conn, name, params).scalar()
+
+    def record_submission(self, job_id: str, array_size: int, throttle: int, command: str, script: str,
+                          now: float) -> None:
+        with self._write() as conn:
+            conn.execute(text(
+                "INSERT INTO submissions (job_id, array_size, throttle, submitted_at, command, script) "
+                "VALUES (:job_id, :array_size, :throttle, :now, :command, :script)"
+            ), {"job_id": job_id, "array_size": array_size, "throttle": throttle, "now": now, "command": command,
+                "script": script})
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def task_worker(conn: Connection, task: ClaimedTask) -> str | None:
+    """The worker that holds `task`'s attempt (from its attempt row)."""
+    return conn.execute(text("SELECT worker_id FROM attempts WHERE lease = :lease"), {"lease": task.lease}).scalar()
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration file (no semicolons inside strings or bodies in our schema)."""
+    body = "\n".join(line.split("--", 1)[0] for line in script.splitlines())
+    return [statement.strip() for statement in body.split(";") if statement.strip()]

@@ -1,0 +1,245 @@
+"""The worker: claim -> run -> record -> claim, until nothing is left it could run.
+
+It never writes SQL (the store does) and never computes metrics (the experiment does). It
+heartbeats from a thread whose errors never reach the task, and on SIGTERM, SIGINT or Slurm's
+warning (SIGUSR1) it puts its row back without spending an attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from hparray.store import Store
+from hparray.tasks import ClaimedTask, TaskOutcome
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Interrupted(Exception):
+    """Raised inside the running task when the worker must give its row back now."""
+
+
+class ConfigMismatch(Exception):
+    """The worker's settings would not produce what the plan promised for a row."""
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who a worker is, for `status`: host, pid, GPU and the Slurm ids when under Slurm."""
+
+    id: str
+    host: str
+    pid: int
+    gpu: str | None
+    slurm: dict[str, str | None]
+
+    @classmethod
+    def from_environment(cls, worker_id: str | None = None) -> WorkerIdentity:
+        env = os.environ
+        host = socket.gethostname().split(".")[0]
+        slurm = {"job_id": env.get("SLURM_JOB_ID"), "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+                 "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
+                 "restart_count": env.get("SLURM_RESTART_COUNT")}
+        if slurm["array_job_id"]:
+            tag = f"{slurm['array_job_id']}_{slurm['array_task_id']}"
+        elif slurm["job_id"]:
+            tag = slurm["job_id"]
+        else:
+            tag = "local"
+        return cls(id=worker_id or f"{host}-{tag}-{os.getpid()}-{uuid.uuid4().hex[:6]}", host=host, pid=os.getpid(),
+                   gpu=env.get("CUDA_VISIBLE_DEVICES"), slurm=slurm)
+
+
+@dataclass
+class WorkerSummary:
+    done: int = 0
+    diverged: int = 0
+    errors: int = 0
+    released: int = 0
+    fenced: int = 0
+    stop_reason: str = ""
+    durations_s: list[float] = field(default_factory=list)
+
+
+class Heartbeat:
+    """Beats for one task from a daemon thread; a failed beat is logged and retried, never raised."""
+
+    def __init__(self, store: Store, task: ClaimedTask, worker_id: str, interval_s: float,
+                 clock: Callable[[], float]):
+        self.store, self.task, self.worker_id = store, task, worker_id
+        self.interval_s, self.clock = interval_s, clock
+        self.lease_lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{task.id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not self.store.heartbeat(self.task, self.worker_id, self.clock()) and not self.lease_lost:
+                    self.lease_lost = True
+                    log.warning("task %s: lease lost (reaped?); its result will be discarded", self.task.id)
+            except Exception as err:  # the task must outlive a flaky database
+                log.warning("task %s: heartbeat failed (%s); retrying in %.0f s", self.task.id, err,
+                            self.interval_s)
+
+
+Execute = Callable[[ClaimedTask], TaskOutcome]
+
+
+class Worker:
+    """Runs tasks from `store` with `execute` until none is claimable, `max_tasks`, or a signal."""
+
+    def __init__(self, store: Store, execute: Execute, identity: WorkerIdentity, *,
+                 heartbeat_interval_s: float, heartbeat_grace_s: float, max_tasks: int | None = None,
+                 poll_s: float = 2.0, deadline: float | None = None, signal_grace_s: float = 0.0,
+                 expected_duration: Callable[[ClaimedTask], float] | None = None,
+                 check: Callable[[ClaimedTask], bool] | None = None,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
+        self.store, self.execute, self.identity = store, execute, identity
+        self.heartbeat_interval_s, self.heartbeat_grace_s = heartbeat_interval_s, heartbeat_grace_s
+        self.max_tasks, self.poll_s = max_tasks, poll_s
+        self.deadline, self.signal_grace_s = deadline, signal_grace_s
+        self.expected_duration = expected_duration or (lambda task: task.estimate_s)
+        self.check = check
+        self.clock, self.sleep = clock, sleep
+        self.summary = WorkerSummary()
+        self._signal: int | None = None
+        self._task_started: float | None = None
+        self._current: ClaimedTask | None = None
+        self._finish_then_stop = False
+        self._last_reap = 0.0
+
+    # ------------------------------------------------------------------ signals
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signal = signum
+        name = signal.Signals(signum).name
+        if self._current is None or self._task_started is None:
+            log.info("%s: stopping before the next task", name)
+            return
+        if signum == signal.SIGUSR1 and self._fits_in_grace():
+            log.info("%s: the current task fits in the %.0f s grace; finishing it, then stopping", name,
+                     self.signal_grace_s)
+            self._finish_then_stop = True
+            return
+        raise Interrupted(f"{name} received")
+
+    def _fits_in_grace(self) -> bool:
+        assert self._current is not None and self._task_started is not None
+        remaining = self.expected_duration(self._current) - (self.clock() - self._task_started)
+        return remaining <= self.signal_grace_s * 0.8
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> WorkerSummary:
+        """The worker's whole life; returns what it did and why it stopped."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        self.store.register_worker(self.identity.id, self.identity.host, self.identity.pid, self.clock(),
+                                   gpu=self.identity.gpu, slurm=self.identity.slurm)
+        try:
+            self.summary.stop_reason = self._loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            try:
+                self.store.stop_worker(self.identity.id, self.clock())
+            except Exception as err:
+                log.warning("could not mark worker stopped: %s", err)
+        return self.summary
+
+    def _loop(self) -> str:
+        while True:
+            if self._signal is not None or self._finish_then_stop:
+                return f"stopped by {signal.Signals(self._signal).name}" if self._signal else "stopped"
+            if self.max_tasks is not None and self._tasks_run() >= self.max_tasks:
+                return f"ran --max-tasks {self.max_tasks}"
+            self._maybe_reap()
+            task = self.store.claim(self.identity.id, self.clock())
+            if task is None:
+                waiting = self.store.waiting_work()
+                if waiting:
+                    log.debug("%d rows wait on running dependencies; polling", waiting)
+                    self.store.worker_heartbeat(self.identity.id, self.clock())
+                    self.sleep(self.poll_s)
+                    continue
+                return "nothing left to claim"
+            if self.deadline is not None:
+                left = self.deadline - self.clock()
+                if self.expected_duration(task) > left:
+                    self.store.release(task, f"expected {self.expected_duration(task):.0f} s > {left:.0f} s left",
+                                       self.clock())
+                    self.summary.released += 1
+                    return f"only {left:.0f} s left in the job, not enough for another task"
+            if self.check is not None and not self.check(task):
+                self.store.release(task, "worker settings differ from the plan", self.clock())
+                raise ConfigMismatch(
+                    f"task {task.id}: this worker's configs would not reproduce the planned config "
+                    f"{task.config_hash}: run the worker with the --config-dir the sweep was planned with"
+                )
+            self._run_one(task)
+
+    def _tasks_run(self) -> int:
+        s = self.summary
+        return s.done + s.diverged + s.errors + s.fenced
+
+    def _maybe_reap(self) -> None:
+        now = self.clock()
+        if now - self._last_reap < self.heartbeat_grace_s / 4:
+            return
+        self._last_reap = now
+        try:
+            report = self.store.reap(now, self.heartbeat_grace_s)
+            if report.released or report.failed:
+                log.info("reaped stale rows: %s released, %s failed", report.released, report.failed)
+        except Exception as err:
+            log.warning("reap failed: %s", err)
+
+    def _run_one(self, task: ClaimedTask) -> None:
+        log.info("task %s: %s %s (attempt %d/%d)", task.id, task.kind, task.video, task.attempt, task.max_attempts)
+        started = self.clock()
+        with Heartbeat(self.store, task, self.identity.id, self.heartbeat_interval_s, self.clock):
+            try:
+                self._current, self._task_started = task, started
+                try:
+                    outcome = self.execute(task)
+                finally:
+                    self._current = self._task_started = None
+            except Interrupted as why:
+                self.store.release(task, str(why), self.clock())
+                self.summary.released += 1
+                log.info("task %s: released (%s)", task.id, why)
+                return
+            except Exception as err:
+                status = self.store.fail(task, f"{type(err).__name__}: {err}", traceback.format_exc(), self.clock())
+                self.summary.errors += 1
+                log.error("task %s failed: %s: %s (now %s)", task.id, type(err).__name__, err, status)
+                return
+        if self.store.finish(task, outcome, self.clock()):
+            self.summary.durations_s.append(self.clock() - started)
+            if outcome.status == "diverged":
+                self.summary.diverged += 1
+            else:
+                self.summary.done += 1
+        else:
+            self.summary.fenced += 1

@@ -1,0 +1,206 @@
+-- The hot-path statements, by name. hparray/store.py loads this file once and runs nothing else
+-- on the claim -> heartbeat -> finish path. A name ending in .sqlite or .postgresql is that
+-- dialect's variant; the store picks it over the plain name.
+--
+-- Fencing: every write on behalf of a running attempt says `lease = :lease AND status = 'running'`,
+-- so a worker that was declared dead (but was only slow) changes nothing when it comes back.
+
+-- name: claim.sqlite
+-- Runs inside BEGIN IMMEDIATE, so no second writer can slip between the SELECT and the UPDATE.
+UPDATE tasks
+   SET status = 'running', attempts = attempts + 1, lease = :lease, worker_id = :worker_id,
+       claimed_at = :now, heartbeat_at = :now
+ WHERE id = (SELECT t.id FROM tasks AS t
+              WHERE t.status = 'pending'
+                AND (t.depends_on IS NULL
+                     OR EXISTS (SELECT 1 FROM tasks AS d WHERE d.id = t.depends_on AND d.status = 'done'))
+              ORDER BY t.priority, t.id
+              LIMIT 1)
+RETURNING id, attempts;
+
+-- name: claim.postgresql
+UPDATE tasks
+   SET status = 'running', attempts = attempts + 1, lease = :lease, worker_id = :worker_id,
+       claimed_at = :now, heartbeat_at = :now
+ WHERE id = (SELECT t.id FROM tasks AS t
+              WHERE t.status = 'pending'
+                AND (t.depends_on IS NULL
+                     OR EXISTS (SELECT 1 FROM tasks AS d WHERE d.id = t.depends_on AND d.status = 'done'))
+              ORDER BY t.priority, t.id
+              LIMIT 1
+              FOR UPDATE OF t SKIP LOCKED)
+RETURNING id, attempts;
+
+-- name: claim_candidate
+-- SQLite < 3.35 has no RETURNING: pick, then claim_by_id, inside the same BEGIN IMMEDIATE.
+SELECT t.id FROM tasks AS t
+ WHERE t.status = 'pending'
+   AND (t.depends_on IS NULL
+        OR EXISTS (SELECT 1 FROM tasks AS d WHERE d.id = t.depends_on AND d.status = 'done'))
+ ORDER BY t.priority, t.id
+ LIMIT 1;
+
+-- name: claim_by_id
+UPDATE tasks
+   SET status = 'running', attempts = attempts + 1, lease = :lease, worker_id = :worker_id,
+       claimed_at = :now, heartbeat_at = :now
+ WHERE id = :task_id AND status = 'pending';
+
+-- name: claimed_task
+SELECT t.id, t.kind, t.attempts, t.max_attempts, t.estimate_s, t.config_hash,
+       c.lr, c.condition_frames, c.finetune_steps,
+       v.name AS video, v.path AS video_path, v.category, v.caption, v.seed AS video_seed
+  FROM tasks AS t
+  JOIN configs AS c ON c.hash = t.config_hash
+  JOIN videos AS v ON v.name = t.video
+ WHERE t.id = :task_id;
+
+-- name: start_attempt
+INSERT INTO attempts (task_id, lease, number, worker_id, started_at, heartbeat_at)
+VALUES (:task_id, :lease, :number, :worker_id, :now, :now);
+
+-- name: waiting_work
+-- Pending rows that will become claimable once a running (or pending) dependency is done.
+SELECT COUNT(*) FROM tasks AS t
+  JOIN tasks AS d ON d.id = t.depends_on
+ WHERE t.status = 'pending' AND d.status IN ('pending', 'running');
+
+-- name: heartbeat_task
+UPDATE tasks SET heartbeat_at = :now
+ WHERE id = :task_id AND lease = :lease AND status = 'running';
+
+-- name: heartbeat_attempt
+UPDATE attempts SET heartbeat_at = :now WHERE lease = :lease AND outcome IS NULL;
+
+-- name: heartbeat_worker
+UPDATE workers SET heartbeat_at = :now, current_task = :task_id WHERE id = :worker_id;
+
+-- name: finish_task
+UPDATE tasks
+   SET status = :status, lease = NULL, finished_at = :now, heartbeat_at = :now, error = NULL
+ WHERE id = :task_id AND lease = :lease AND status = 'running';
+
+-- name: insert_result
+INSERT INTO results (task_id, attempt_id, status, psnr, ssim, lpips, trivial_psnr, trivial_ssim,
+                     trivial_lpips, load_s, finetune_s, inference_s, metrics_s, wall_s, peak_memory_mb,
+                     lpips_weights, artifact_dir, details, recorded_at)
+SELECT :task_id, a.id, :status, :psnr, :ssim, :lpips, :trivial_psnr, :trivial_ssim, :trivial_lpips,
+       :load_s, :finetune_s, :inference_s, :metrics_s, :wall_s, :peak_memory_mb, :lpips_weights,
+       :artifact_dir, :details, :now
+  FROM attempts AS a WHERE a.lease = :lease;
+
+-- name: fail_task
+-- An error spends the attempt; the row is retried until max_attempts, then failed for good.
+UPDATE tasks
+   SET status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+       finished_at = CASE WHEN attempts >= max_attempts THEN :now ELSE NULL END,
+       lease = NULL, worker_id = NULL, heartbeat_at = NULL, error = :error
+ WHERE id = :task_id AND lease = :lease AND status = 'running';
+
+-- name: release_task
+-- A clean stop (SIGTERM, Slurm's warning) gives the attempt back: it was not the task's fault.
+UPDATE tasks
+   SET status = 'pending', attempts = attempts - 1, lease = NULL, worker_id = NULL, heartbeat_at = NULL
+ WHERE id = :task_id AND lease = :lease AND status = 'running';
+
+-- name: end_attempt
+UPDATE attempts SET ended_at = :now, outcome = :outcome, error = :error, traceback = :traceback
+ WHERE lease = :lease AND outcome IS NULL;
+
+-- name: task_status
+SELECT status FROM tasks WHERE id = :task_id;
+
+-- name: stale_running
+SELECT id, lease, worker_id, heartbeat_at FROM tasks
+ WHERE status = 'running' AND heartbeat_at < :cutoff;
+
+-- name: running_tasks
+SELECT t.id, t.lease, t.worker_id, t.heartbeat_at, w.slurm_job_id, w.slurm_array_job_id,
+       w.slurm_array_task_id
+  FROM tasks AS t LEFT JOIN workers AS w ON w.id = t.worker_id
+ WHERE t.status = 'running';
+
+-- name: reap_task
+-- A lost attempt was spent (the worker may have crashed the node): retried until max_attempts.
+UPDATE tasks
+   SET status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+       finished_at = CASE WHEN attempts >= max_attempts THEN :now ELSE NULL END,
+       lease = NULL, worker_id = NULL, heartbeat_at = NULL, error = :error
+ WHERE id = :task_id AND lease = :lease AND status = 'running';
+
+-- name: log_event
+INSERT INTO events (at, kind, task_id, lease, worker_id, message)
+VALUES (:now, :kind, :task_id, :lease, :worker_id, :message);
+
+-- name: register_worker
+INSERT INTO workers (id, host, pid, slurm_job_id, slurm_array_job_id, slurm_array_task_id, gpu,
+                     started_at, heartbeat_at, state)
+VALUES (:worker_id, :host, :pid, :slurm_job_id, :slurm_array_job_id, :slurm_array_task_id, :gpu,
+        :now, :now, 'running');
+
+-- name: worker_task_done
+UPDATE workers SET tasks_done = tasks_done + 1, current_task = NULL, heartbeat_at = :now
+ WHERE id = :worker_id;
+
+-- name: stop_worker
+UPDATE workers SET state = :state, stopped_at = :now, current_task = NULL
+ WHERE id = :worker_id AND state = 'running';
+
+-- name: lose_stale_workers
+UPDATE workers SET state = 'lost', stopped_at = :now, current_task = NULL
+ WHERE state = 'running' AND heartbeat_at < :cutoff;
+
+-- ---------------------------------------------------------------- reads for status and report
+
+-- name: status_configs
+SELECT c.hash, c.kind, c.lr, c.condition_frames, c.finetune_steps,
+       COUNT(t.id) AS total,
+       SUM(CASE WHEN t.status = 'pending' THEN 1 ELSE 0 END) AS pending,
+       SUM(CASE WHEN t.status = 'running' THEN 1 ELSE 0 END) AS running,
+       SUM(CASE WHEN t.status = 'done' THEN 1 ELSE 0 END) AS done,
+       SUM(CASE WHEN t.status = 'diverged' THEN 1 ELSE 0 END) AS diverged,
+       SUM(CASE WHEN t.status = 'failed' THEN 1 ELSE 0 END) AS failed,
+       AVG(r.psnr) AS psnr, AVG(r.ssim) AS ssim, AVG(r.lpips) AS lpips,
+       SUM(r.wall_s) AS wall_s
+  FROM configs AS c
+  JOIN tasks AS t ON t.config_hash = c.hash
+  LEFT JOIN results AS r ON r.task_id = t.id
+ GROUP BY c.hash, c.kind, c.lr, c.condition_frames, c.finetune_steps;
+
+-- name: search_configs
+SELECT search, config_hash, name, parameter, value, is_baseline FROM search_configs ORDER BY search, value;
+
+-- name: task_totals
+SELECT status, COUNT(*) AS n FROM tasks GROUP BY status;
+
+-- name: blocked_tasks
+-- Pending rows whose dependency failed for good: they can never run until it is retried.
+SELECT COUNT(*) FROM tasks AS t JOIN tasks AS d ON d.id = t.depends_on
+ WHERE t.status = 'pending' AND d.status = 'failed';
+
+-- name: live_workers
+SELECT w.id, w.host, w.pid, w.gpu, w.slurm_job_id, w.slurm_array_job_id, w.slurm_array_task_id,
+       w.heartbeat_at, w.started_at, w.tasks_done, w.current_task, t.kind AS task_kind, t.video AS task_video
+  FROM workers AS w LEFT JOIN tasks AS t ON t.id = w.current_task
+ WHERE w.state = 'running'
+ ORDER BY w.started_at;
+
+-- name: finished_since
+SELECT COUNT(*) AS n, AVG(r.wall_s) AS mean_wall_s
+  FROM tasks AS t LEFT JOIN results AS r ON r.task_id = t.id
+ WHERE t.finished_at >= :since AND t.status IN ('done', 'diverged');
+
+-- name: remaining_estimate
+SELECT COALESCE(SUM(estimate_s), 0) FROM tasks WHERE status IN ('pending', 'running');
+
+-- name: mean_wall_by_kind
+SELECT t.kind, AVG(r.wall_s) AS mean_wall_s, COUNT(*) AS n
+  FROM tasks AS t JOIN results AS r ON r.task_id = t.id GROUP BY t.kind;
+
+-- name: config_names
+SELECT search, name FROM search_configs WHERE config_hash = :config_hash ORDER BY search;
+
+-- name: durations_by_kind
+SELECT r.wall_s FROM results AS r JOIN tasks AS t ON t.id = r.task_id
+ WHERE t.kind = :kind AND r.wall_s IS NOT NULL
+ ORDER BY r.recorded_at DESC LIMIT 200;
