@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +145,10 @@ def _lpips_model(status: LpipsWeights, device: str) -> Any:
 
         if not status.present:
             raise MetricsError(f"LPIPS weights {status.path} vanished before loading")
-        model = lpips.LPIPS(net="alex", verbose=False).eval().to(device)
+        with warnings.catch_warnings():
+            # lpips 0.1.4 still calls torchvision's deprecated `pretrained=True`.
+            warnings.simplefilter("ignore", UserWarning)
+            model = lpips.LPIPS(net="alex", verbose=False).eval().to(device)
         for param in model.parameters():
             param.requires_grad_(False)
         _lpips_models[key] = model

@@ -33,7 +33,7 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 DEFAULT_DB = "results.db"
 # 64 workers queueing behind one writer each holding the lock for ~1 ms never get near this;
 # it only has to outlast a slow checkpoint or a stalled NFS lock server.
-SQLITE_BUSY_TIMEOUT_S = 60.0
+SQLITE_BUSY_TIMEOUT_S = float(os.environ.get("HPARRAY_SQLITE_BUSY_TIMEOUT_S", "60"))
 NETWORK_FILESYSTEMS = {
     "nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph", "fuse.sshfs",
     "glusterfs", "fuse.glusterfs", "panfs", "9p", "afs", "fuse.ceph", "wekafs", "fuse.juicefs",
@@ -193,7 +193,7 @@ class Store:
             raise self._translate(err.orig or err) from None
 
     def _translate(self, err: BaseException) -> StoreError:
-        message = str(err)
+        message = " ".join(str(err).split())  # drivers wrap their messages over several lines
         if "file is not a database" in message or "file is encrypted" in message:
             return StoreUnreachable(f"{self.url} is not an SQLite database: move it away or point --db elsewhere")
         if "locked" in message:
@@ -203,7 +203,7 @@ class Store:
             )
         if "readonly" in message or "unable to open" in message:
             return StoreUnreachable(f"cannot write {self.url} ({message}): check the path and its permissions")
-        return StoreUnreachable(f"cannot use database {self.url}: {message}")
+        return StoreUnreachable(f"cannot use database {self.url}: {message}: start the server or fix --db / HPARRAY_DB")
 
     def _migrate(self) -> None:
         """Apply every `sql/migrations/NNNN_*.sql` newer than the recorded version, one transaction each."""

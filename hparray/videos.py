@@ -159,7 +159,7 @@ def stratified_sample(
     if by != "category":
         raise ConfigError(f"data.stratify_by {by!r} is not supported: videos only have 'category'")
     if n < 1:
-        raise ConfigError(f"the sample size must be at least 1, got {n}")
+        raise ConfigError(f"data.num_videos must be at least 1, got {n}")
     ordered = sorted(videos, key=lambda ref: ref.name)
     if n >= len(ordered):
         return ordered

@@ -204,3 +204,21 @@ SELECT search, name FROM search_configs WHERE config_hash = :config_hash ORDER B
 SELECT r.wall_s FROM results AS r JOIN tasks AS t ON t.id = r.task_id
  WHERE t.kind = :kind AND r.wall_s IS NOT NULL
  ORDER BY r.recorded_at DESC LIMIT 200;
+
+-- ---------------------------------------------------------------- report
+
+-- name: report_rows
+-- Every task row, once per search holding its config (fine-tune rows) or once with NULL search
+-- columns (un-fine-tuned baseline rows), with its video's category and its result if any.
+SELECT t.id AS task_id, t.kind, t.status, t.video, t.config_hash,
+       c.lr, c.condition_frames, c.finetune_steps,
+       v.category, v.path AS video_path,
+       sc.search, sc.name, sc.parameter, sc.value, sc.is_baseline,
+       r.psnr, r.ssim, r.lpips, r.trivial_psnr, r.trivial_ssim, r.trivial_lpips,
+       r.finetune_s, r.inference_s, r.wall_s, r.artifact_dir
+  FROM tasks AS t
+  JOIN configs AS c ON c.hash = t.config_hash
+  JOIN videos AS v ON v.name = t.video
+  LEFT JOIN search_configs AS sc ON sc.config_hash = t.config_hash
+  LEFT JOIN results AS r ON r.task_id = t.id
+ ORDER BY sc.search, sc.value, t.video, t.id;

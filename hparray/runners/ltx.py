@@ -105,6 +105,9 @@ def build_tiny_pipeline(weights_dir: Path | None) -> LTXConditionPipeline:
     # Framewise VAE tiling changes results and buys nothing at these sizes.
     pipe.vae.use_framewise_encoding = False
     pipe.vae.use_framewise_decoding = False
+    # Eval mode, as from_pretrained returns them: a freshly built module is in train mode.
+    pipe.vae.eval()
+    pipe.transformer.eval()
     return pipe
 
 
@@ -185,8 +188,14 @@ class LTXRunner:
             else:
                 from diffusers import LTXConditionPipeline
 
+                if not self.model_path.is_dir():
+                    # Checked here: diffusers would take a missing path for a Hub repo id.
+                    raise RunnerError(
+                        f"model.path {self.model_path} is not a directory: give a local LTX-Video "
+                        "checkpoint in diffusers layout, or null for the built-in tiny model"
+                    )
                 pipe = LTXConditionPipeline.from_pretrained(
-                    str(self.model_path), text_encoder=None, tokenizer=None, torch_dtype=dtype
+                    str(self.model_path), text_encoder=None, tokenizer=None, dtype=dtype
                 )
                 pipe.vae.use_framewise_encoding = False
                 pipe.vae.use_framewise_decoding = False
@@ -199,7 +208,6 @@ class LTXRunner:
         pipe.set_progress_bar_config(disable=True)
         pipe.vae.requires_grad_(False)
         pipe.transformer.requires_grad_(False)
-        pipe.transformer.eval()
         self.pipe = pipe
         self._snapshot = {
             name: tensor.detach().clone() for name, tensor in pipe.transformer.state_dict().items()
@@ -281,15 +289,15 @@ class LTXRunner:
             )
         return frames
 
-    def _prompt(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All-zero prompt embeddings with a full mask: the model runs with no text encoder."""
         import torch
 
         channels = self.pipe.transformer.config.caption_channels
         embeds = torch.zeros(
-            batch, _PROMPT_TOKENS, channels, device=self.device, dtype=self.pipe.transformer.dtype
+            1, _PROMPT_TOKENS, channels, device=self.device, dtype=self.pipe.transformer.dtype
         )
-        mask = torch.ones(batch, _PROMPT_TOKENS, device=self.device, dtype=torch.long)
+        mask = torch.ones(1, _PROMPT_TOKENS, device=self.device, dtype=torch.long)
         return embeds, mask
 
     def _generate_task(
@@ -326,7 +334,7 @@ class LTXRunner:
         plan = conditioning_plan(condition_frames, ratio_t)
         conditions = [LTXVideoCondition(video=frames[: plan.prefix], frame_index=0)]
         conditions += [LTXVideoCondition(image=frames[i], frame_index=i) for i in plan.leftover]
-        embeds, mask = self._prompt(1)
+        embeds, mask = self._prompt()
         negative: dict[str, torch.Tensor] = {}
         if self.guidance_scale > 1.0:
             negative = {"negative_prompt_embeds": embeds, "negative_prompt_attention_mask": mask}
@@ -472,7 +480,7 @@ class LTXRunner:
         fewest_clean = 1 if image_tokens or prefix_latent_frames > 1 else 0
         most_clean = prefix_latent_frames if image_tokens else prefix_latent_frames - 1
         sigmas = self._sampler_sigmas()
-        embeds, mask = self._prompt(1)
+        embeds, mask = self._prompt()
         transformer = self.pipe.transformer
         params = self._trainable(seed)
         optimizer = torch.optim.AdamW(params, lr=hp.lr)

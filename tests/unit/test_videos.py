@@ -165,12 +165,21 @@ def test_directory_source_categories_and_names(tmp_path: Path) -> None:
     check_videos(refs, T)
 
 
-def test_relative_source_falls_back_to_config_dir(tmp_path: Path) -> None:
-    configs = tmp_path / "configs"
-    (configs / "videos").mkdir(parents=True)
-    np.save(configs / "videos" / "a.npy", clip())
-    refs = list_videos("videos", config_dir=configs)
-    assert [r.path for r in refs] == [str(configs / "videos" / "a.npy")]
+def test_relative_source_cwd_first_then_config_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configs, cwd = tmp_path / "configs", tmp_path / "cwd"
+    for root in (configs, cwd):
+        (root / "videos").mkdir(parents=True)
+        np.save(root / "videos" / "a.npy", clip())
+    monkeypatch.chdir(cwd)
+    assert [r.path for r in list_videos("videos", config_dir=configs)] == [
+        str(cwd / "videos" / "a.npy")
+    ]
+    monkeypatch.chdir(tmp_path)
+    assert [r.path for r in list_videos("videos", config_dir=configs)] == [
+        str(configs / "videos" / "a.npy")
+    ]
 
 
 def test_missing_and_empty_sources(tmp_path: Path) -> None:
@@ -198,7 +207,7 @@ def test_csv_manifest(tmp_path: Path) -> None:
     manifest.parent.mkdir()
     manifest.write_text(
         "path,category,caption\n"
-        "../clips/one.npy,walk,\"a person walks, slowly\"\n"
+        '../clips/one.npy,walk,"a person walks, slowly"\n'
         f"{outside / 'two.npy'},run,\n"
     )
     refs = list_videos(str(manifest), config_dir=tmp_path)

@@ -1,0 +1,44 @@
+"""Runners for tests of the orchestration: cheap, deterministic, and controllable from the
+environment of the worker process (tests start real `hparray worker` processes).
+
+HPARRAY_TEST_TASK_S   seconds each task sleeps (so a test can signal a worker mid-task)
+HPARRAY_TEST_FAIL     a video name whose tasks raise (retries, then failed)
+HPARRAY_TEST_MARK_DIR a folder where each task start leaves a file (to see what ran, and how often)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hparray.runner import Clip, Generation, Hyperparams
+
+
+class SleepyRunner:
+    """Predicts the last conditioning frame, darkened by the learning rate, after a sleep."""
+
+    def __init__(self, runner: dict, model: dict, device: str):
+        self.loaded = 0
+
+    def load(self) -> None:
+        self.loaded += 1
+
+    def _work(self, clip: Clip, condition_frames: int, lr: float, kind: str) -> Generation:
+        mark_dir = os.environ.get("HPARRAY_TEST_MARK_DIR")
+        if mark_dir:
+            Path(mark_dir, f"{kind}-{clip.ref.name}-{lr:g}-{condition_frames}-{os.getpid()}-{time.time_ns()}").touch()
+        if os.environ.get("HPARRAY_TEST_FAIL") == clip.ref.name:
+            raise RuntimeError(f"test failure for {clip.ref.name}")
+        time.sleep(float(os.environ.get("HPARRAY_TEST_TASK_S", "0")))
+        frames = clip.frames.copy()
+        frames[condition_frames:] = frames[condition_frames - 1] * (1.0 - min(lr * 1000.0, 0.5))
+        return Generation(frames=frames, timings_s={"finetune": 0.0, "inference": 0.0}, peak_memory_mb=1.0)
+
+    def baseline(self, clip: Clip, condition_frames: int, seed: int) -> Generation:
+        return self._work(clip, condition_frames, 0.0, "baseline")
+
+    def finetune_and_generate(self, clip: Clip, hp: Hyperparams, seed: int) -> Generation:
+        return self._work(clip, hp.condition_frames, hp.lr, "finetune")
