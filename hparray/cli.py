@@ -6,15 +6,18 @@ One place (`main`) turns the project's exception root into one line and an exit 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -22,10 +25,14 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hparray.config import Settings, SweepConfig, load_settings, load_sweep
+from hparray import slurm
+from hparray.config import METRICS, Settings, SweepConfig, load_settings, load_sweep
 from hparray.errors import BadInput, HparrayError
 from hparray.status import SweepStatus, sweep_status
 from hparray.store import Store
+
+if TYPE_CHECKING:  # the report pulls in numpy and scipy: imported only by `report`
+    from hparray.report import Report
 
 # Tables stay readable in logs and pipes, where rich would otherwise assume 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -38,12 +45,23 @@ class Context:
     db: str | None
     config_dir: Path
     verbose: bool
+    metrics: tuple[str, ...] | None = None
 
     def sweep(self) -> SweepConfig:
-        return load_sweep(self.config_dir)
+        sweep = load_sweep(self.config_dir)
+        return dataclasses.replace(sweep, settings=self._override(sweep.settings))
 
     def settings(self) -> Settings:
-        return load_settings(self.config_dir)
+        return self._override(load_settings(self.config_dir))
+
+    def _override(self, settings: Settings) -> Settings:
+        return settings if self.metrics is None else dataclasses.replace(settings, metrics=self.metrics)
+
+    def global_args(self, store: Store) -> list[str]:
+        """The options a worker process needs to see the same sweep as this command."""
+        return ["--config-dir", str(self.config_dir.resolve()), "--db", store.url,
+                *(["--metrics", ",".join(self.metrics)] if self.metrics else []),
+                *(["--verbose"] if self.verbose else [])]
 
     def store(self, create: bool = True) -> Store:
         return Store.open(self.db, create=create)
@@ -58,10 +76,12 @@ pass_context = click.make_pass_decorator(Context)
                    "Default ./results.db; env HPARRAY_DB.")
 @click.option("--config-dir", type=click.Path(path_type=Path), default=Path("configs"), show_default=True,
               help="Folder with base.yaml and the *_search.yaml files.")
+@click.option("--metrics", metavar="LIST", default=None,
+              help="Override base.yaml's metrics for this run, e.g. psnr,ssim (not part of any config hash).")
 @click.option("-v", "--verbose", is_flag=True, help="Log more and show tracebacks on errors.")
 @click.version_option(package_name="hparray")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None, config_dir: Path, verbose: bool) -> None:
+def cli(ctx: click.Context, db: str | None, config_dir: Path, metrics: str | None, verbose: bool) -> None:
     """Sweep test-time fine-tuning hyperparameters of a video model, one factor at a time,
     as resumable (config, video) rows in a database, run by local workers or a Slurm job array.
 
@@ -74,7 +94,13 @@ def cli(ctx: click.Context, db: str | None, config_dir: Path, verbose: bool) -> 
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    ctx.obj = Context(db=db, config_dir=config_dir, verbose=verbose)
+    chosen = None
+    if metrics is not None:
+        chosen = tuple(name.strip() for name in metrics.split(",") if name.strip())
+        unknown = [name for name in chosen if name not in METRICS]
+        if unknown or not chosen:
+            raise click.BadParameter(f"{metrics!r}: use some of {', '.join(METRICS)}", param_hint="--metrics")
+    ctx.obj = Context(db=db, config_dir=config_dir, verbose=verbose, metrics=chosen)
 
 
 # ---------------------------------------------------------------- plan
@@ -176,21 +202,48 @@ def worker(ctx: Context, max_tasks: int | None, worker_id: str | None, poll_s: f
 @cli.command()
 @click.option("--local", "local", is_flag=True, help="Run workers on this machine instead of Slurm.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Worker processes (--local: default 1 per GPU, else 1) or array size (Slurm).")
+              help="Worker processes (--local: default 1 per GPU, else 1) or, on Slurm, the most array "
+                   "tasks (default slurm.workers; never more than the rows left).")
+@click.option("--partition", default=None, help="Slurm partition (default slurm.partition).")
+@click.option("--time", "time_limit", default=None, metavar="TIME",
+              help="Slurm time limit per array task, e.g. 04:00:00 (default slurm.time).")
+@click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs per array task (default slurm.gpus_per_task).")
+@click.option("--throttle", type=click.IntRange(min=1), default=None,
+              help="Most array tasks running at once (default slurm.throttle).")
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="OPTION",
+              help="Any other sbatch option, e.g. --sbatch-arg=--mail-type=END (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Slurm: print the batch script and the sbatch command; submit nothing.")
 @pass_context
-def submit(ctx: Context, local: bool, workers: int | None) -> None:
-    """Run the planned rows: local worker processes (--local) until done.
+def submit(ctx: Context, local: bool, workers: int | None, partition: str | None, time_limit: str | None,
+           gpus: int | None, throttle: int | None, sbatch_args: tuple[str, ...], dry_run: bool) -> None:
+    """Run the planned rows: a Slurm job array of workers (when sbatch is here), or local workers.
 
     Every worker claims rows one at a time, so stopping and submitting again resumes exactly
-    where the sweep stopped, down to the single video.
+    where the sweep stopped, down to the single video. On Slurm the array is a pool of workers
+    sized to the rows left; the script comes from sbatch/worker.sbatch.j2.
     """
     from hparray.executor import LocalExecutor, visible_gpus
 
+    from hparray.preflight import before_submit
+
+    overrides = slurm.Overrides(partition=partition, time=time_limit, gpus=gpus, sbatch_args=sbatch_args)
+    backend = slurm.choose_backend(local=local, dry_run=dry_run, overrides=overrides, throttle=throttle)
+    console.print(backend.message)
     settings = ctx.settings()
     store = ctx.store(create=False)
+    before_submit(settings)
+    if backend.slurm:
+        submission = slurm.submit(settings, store, worker_command=[sys.executable, "-m", "hparray",
+                                                                   *ctx.global_args(store), "worker"],
+                                  workers=workers, throttle=throttle, overrides=overrides, dry_run=dry_run)
+        _print_submission(submission)
+        return
     count = workers or max(1, len(visible_gpus()))
-    worker_args = ["--config-dir", str(ctx.config_dir.resolve()), "--db", store.url,
-                   *(["--verbose"] if ctx.verbose else []), "worker"]
+    if dry_run:
+        console.print(f"dry run: would run {slurm.claimable_rows(store)} claimable rows with {count} local "
+                      "worker(s); nothing started")
+        return
+    worker_args = [*ctx.global_args(store), "worker"]
     log_dir = settings.output_path() / "logs"
     initial = sweep_status(store, time.time(), settings.tasks.heartbeat_grace_s)
     todo = initial.pending + initial.running - initial.blocked
@@ -223,6 +276,37 @@ def submit(ctx: Context, local: bool, workers: int | None) -> None:
         console.print(f"[yellow]{final.failed} rows failed[/]: `hparray status` and the logs say why")
 
 
+def _print_submission(s: slurm.Submission) -> None:
+    """What `submit` did on Slurm, or would do (--dry-run): scripts, commands, job ids, next step."""
+    if s.reaped:
+        console.print(f"{s.reaped} rows of workers Slurm no longer runs were put back first")
+    if s.active_jobs:
+        console.print(f"note: job(s) {', '.join(s.active_jobs)} of this sweep are still queued or running; "
+                      "their workers share the same rows")
+    if not s.arrays:
+        held = f" ({s.running} running)" if s.running else ""
+        console.print(f"nothing to submit: no row is left to claim{held}. `hparray status` shows where it stands.")
+        return
+    gpu = f"--gres=gpu:{s.gpus}" if s.gpus else "no GPU"
+    for array in s.arrays:
+        if s.dry_run:
+            click.echo(array.script, nl=False)
+            console.print(f"sbatch command: {shlex.join(array.command)}", markup=False, highlight=False, soft_wrap=True)
+        what = (f"array 0-{array.size - 1}%{array.throttle}: {array.size} workers for {s.claimable} claimable rows, "
+                f"at most {array.throttle} at once, {gpu}, signal B:USR1@{s.signal_grace_s}, "
+                f"logs {s.log_dir}/%x_%A_%a.out|.err")
+        if array.job_id:
+            console.print(f"submitted job {array.job_id}: {what}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            console.print(f"would submit {what}", markup=False, highlight=False, soft_wrap=True)
+    if len(s.arrays) > 1:
+        console.print(f"split into {len(s.arrays)} arrays: MaxArraySize here is {s.max_array_size}")
+    if s.dry_run:
+        console.print("dry run: nothing submitted, nothing written")
+    else:
+        console.print("next: [bold]hparray status[/] (add --watch to follow); [bold]hparray cancel[/] stops the jobs")
+
+
 # ---------------------------------------------------------------- status and reap
 
 
@@ -233,14 +317,19 @@ def submit(ctx: Context, local: bool, workers: int | None) -> None:
               help="Seconds between refreshes with --watch.")
 @pass_context
 def status(ctx: Context, as_json: bool, watch: bool, interval: float) -> None:
-    """Rows per search and config, metrics so far, live workers, throughput and ETA."""
+    """Rows per search and config, metrics so far, live workers, throughput and ETA.
+
+    On Slurm also the sweep's jobs as squeue sees them; rows of array tasks Slurm no longer runs
+    are put back at once.
+    """
     store = ctx.store(create=False)
-    grace_s = _grace_s(ctx)
+    grace_s, interval_s = _grace_s(ctx), _heartbeat_interval_s(ctx)
+    current = slurm.StatusWithSlurm()
     if as_json:
-        click.echo(json.dumps(sweep_status(store, time.time(), grace_s).to_json(), indent=2, default=str))
+        click.echo(json.dumps(current(store, time.time(), grace_s, interval_s).to_json(), indent=2, default=str))
         return
     if not watch:
-        for part in render_status(sweep_status(store, time.time(), grace_s)):
+        for part in render_status(current(store, time.time(), grace_s, interval_s)):
             console.print(part)
         return
     from rich.console import Group
@@ -248,7 +337,7 @@ def status(ctx: Context, as_json: bool, watch: bool, interval: float) -> None:
     with Live(console=console, auto_refresh=False) as live:
         try:
             while True:
-                live.update(Group(*render_status(sweep_status(store, time.time(), grace_s))), refresh=True)
+                live.update(Group(*render_status(current(store, time.time(), grace_s, interval_s))), refresh=True)
                 time.sleep(interval)
         except KeyboardInterrupt:
             pass
@@ -262,12 +351,41 @@ def _grace_s(ctx: Context) -> float:
         return 300.0
 
 
+def _heartbeat_interval_s(ctx: Context) -> float:
+    """The configured heartbeat interval, or the default when status runs away from the configs."""
+    try:
+        return ctx.settings().tasks.heartbeat_interval_s
+    except BadInput:
+        return 30.0
+
+
 @cli.command()
 @pass_context
 def reap(ctx: Context) -> None:
-    """Put rows back whose worker stopped heartbeating (workers and status do this too)."""
-    report = ctx.store(create=False).reap(time.time(), _grace_s(ctx))
-    console.print(f"reaped: {len(report.released)} rows pending again, {len(report.failed)} failed for good")
+    """Put rows back whose worker stopped heartbeating, or whose Slurm task is gone (workers and
+    status do this too)."""
+    result = slurm.reap(ctx.store(create=False), time.time(), _grace_s(ctx))
+    report = result.report
+    gone = f" ({len(result.gone_workers)} workers gone from Slurm)" if result.gone_workers else ""
+    console.print(f"reaped: {len(report.released)} rows pending again, {len(report.failed)} failed for good{gone}")
+
+
+@cli.command()
+@click.option("--wait-s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="How long to wait for the workers to put their rows back before releasing them.")
+@pass_context
+def cancel(ctx: Context, wait_s: float) -> None:
+    """scancel this sweep's Slurm jobs and put their rows back; `hparray submit` resumes."""
+    result = slurm.cancel(ctx.store(create=False), _grace_s(ctx), wait_s=wait_s)
+    if not result.job_ids:
+        console.print("no job of this sweep is queued or running")
+        return
+    console.print(f"cancelled job(s) {', '.join(result.job_ids)}; {len(result.released)} rows of killed workers "
+                  f"put back ({len(result.failed)} failed for good)")
+    if result.still_running:
+        console.print(f"[yellow]still running after {wait_s:.0f} s[/]: {', '.join(result.still_running)}; "
+                      "Slurm kills them after its KillWait")
+    console.print("next: [bold]hparray submit[/] resumes the rows that are left")
 
 
 def render_status(s: SweepStatus) -> list[object]:
@@ -293,6 +411,17 @@ def render_status(s: SweepStatus) -> list[object]:
             beat = f"{w.heartbeat_age_s:.0f} s ago" + (" [red]STALE[/]" if w.stale else "")
             table.add_row(w.id, w.host, job, w.gpu or "-", w.task or "idle", str(w.tasks_done), beat)
         parts.append(table)
+    if s.slurm_jobs:
+        table = Table(title="slurm jobs", title_justify="left")
+        for column in ("job", "array", "throttle", "submitted", "slurm"):
+            table.add_column(column)
+        for job in s.slurm_jobs:
+            table.add_row(job["job_id"], str(job["array_size"]), str(job["throttle"]),
+                          time.strftime("%Y-%m-%d %H:%M", time.localtime(job["submitted_at"])), job["summary"])
+        parts.append(table)
+    for row in s.hung:
+        parts.append(f"[yellow]hung[/]: row #{row['task_id']} in Slurm task {row['slurm_task']} ({row['slurm_state']}) "
+                     f"has not heartbeated for {row['heartbeat_age_s']:.0f} s; put back once the grace passes")
     eta = "-" if s.eta_s is None else _duration(s.eta_s)
     blocked = f", {s.blocked} blocked by a failed dependency" if s.blocked else ""
     parts.append(
@@ -321,6 +450,87 @@ def _duration(seconds: float) -> str:
     minutes, sec = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+# ---------------------------------------------------------------- report
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for summary.json, progress.json, per_video.csv, plots/ and report.html "
+                   "(default: base.yaml's output_dir).")
+@pass_context
+def report(ctx: Context, out: Path | None) -> None:
+    """What the sweep found: per-config means with bootstrap CIs, paired Wilcoxon tests against
+    the baseline config, the un-fine-tuned model and the last-frame predictor; plots and one HTML page.
+
+    Works while the sweep runs: unfinished configs are marked partial. Running it again
+    rewrites the same files.
+    """
+    from hparray.report import build_report
+
+    with console.status("computing the report..."):
+        result = build_report(ctx.settings(), ctx.store(create=False), out)
+    for part in render_report(result):
+        console.print(part)
+
+
+def render_report(r: Report) -> list[object]:
+    """Rich renderables for a `hparray.report.Report`: one table per search, best values starred.
+
+    Each metric cell holds the mean with its CI and, below it, the paired difference from the
+    search's baseline config, so three metrics still fit 120 columns.
+    """
+    from hparray.report import METRIC_LABELS, fmt_metric, fmt_p
+
+    parts: list[object] = []
+    if r.partial:
+        parts.append(f"[bold red]PARTIAL[/]: {r.rows['pending'] + r.rows['running']} of {r.rows['total']} rows not "
+                     "finished; configs marked partial are scored on the videos done so far")
+    for s in r.searches:
+        title = f"search {s.name}: {s.parameter}, baseline {s.baseline_config or 'none'}"
+        table = Table(title=title + (" [red](partial)[/]" if s.partial else ""), title_justify="left")
+        table.add_column("config", no_wrap=True)
+        table.add_column("videos", justify="right", no_wrap=True)
+        for metric in r.metrics:
+            table.add_column(f"{METRIC_LABELS[metric]} [95% CI]\nΔ vs base, p, better", justify="right",
+                             no_wrap=True)
+        table.add_column("div/fail", justify="right")
+        table.add_column("GPU-h", justify="right")
+        for c in s.configs:
+            scored = c.metrics[r.metrics[0]].n if r.metrics else 0
+            videos = {"completed": f"{scored}/{c.rows['total']}", "pending": "[dim]pending[/]"}.get(
+                c.status, f"[red]{scored}/{c.rows['total']} partial[/]")
+            cells = [c.name + (" *" if c.is_baseline else ""), videos]
+            for metric in r.metrics:
+                e = c.metrics[metric]
+                mean = "-" if e.mean is None else \
+                    f"{fmt_metric(e.mean, metric)} [{fmt_metric(e.ci_low, metric)}, {fmt_metric(e.ci_high, metric)}]"
+                if metric in s.best and s.best[metric].config == c.name:
+                    mean = f"[bold green]★ {mean}[/]"
+                cmp = c.vs_baseline.get(metric)
+                if cmp is not None and cmp.mean_diff is not None and not c.is_baseline:
+                    mean += f"\n[dim]{cmp.mean_diff:+.3g}, p={fmt_p(cmp.p_value)}, {cmp.improved}/{cmp.pairs}[/]"
+                cells.append(mean)
+            cells += [f"{c.rows['diverged']}/{_red(c.rows['failed'])}", f"{c.gpu_hours:.3f}"]
+            table.add_row(*cells)
+        parts.append(table)
+        for metric in r.metrics:
+            if metric in s.best:
+                best = s.best[metric]
+                parts.append(f"  [{'green' if best.significant else 'yellow'}]{best.statement}[/]")
+    for c in r.baseline_inference:
+        scores = ", ".join(f"{METRIC_LABELS[m]} {fmt_metric(c.metrics[m].mean, m)} (last frame repeated "
+                           f"{fmt_metric(c.trivial[m].mean, m)})" for m in r.metrics)
+        parts.append(f"un-fine-tuned {c.name}: {c.rows['done']}/{c.rows['total']} done; {scores}")
+    if not r.searches:
+        parts.append("no fine-tune rows yet: run `hparray plan --search lr` and `hparray submit` first")
+    parts.append(f"{r.gpu_hours:.2f} GPU-hours in {r.rows['total']} rows | * baseline config, ★ best mean | "
+                 "p: two-sided Wilcoxon signed-rank test of the per-video differences")
+    folder = r.files["html"].parent
+    parts.append(f"wrote {folder}/: report.html, summary.json, progress.json, per_video.csv, "
+                 f"plots/ ({sum(1 for key in r.files if key.startswith('plot:'))} plots)")
+    return parts
 
 
 # ---------------------------------------------------------------- entry point

@@ -69,6 +69,10 @@ class SweepStatus:
     database: dict[str, Any]
     configs: list[ConfigStatus] = field(default_factory=list)
     workers: list[WorkerStatus] = field(default_factory=list)
+    # Filled by hparray.slurm when the sweep was submitted to Slurm: its jobs as squeue sees them,
+    # and running rows whose heartbeat is late while Slurm says their task runs.
+    slurm_jobs: list[dict[str, Any]] = field(default_factory=list)
+    hung: list[dict[str, Any]] = field(default_factory=list)
 
     def searches(self) -> dict[str, list[ConfigStatus]]:
         grouped: dict[str, list[ConfigStatus]] = {}

@@ -107,6 +107,14 @@ UPDATE tasks
 UPDATE attempts SET ended_at = :now, outcome = :outcome, error = :error, traceback = :traceback
  WHERE lease = :lease AND outcome IS NULL;
 
+-- name: fence_attempt
+-- A write by an attempt whose row is no longer its own: its worker is alive, so a reaped attempt
+-- becomes 'fenced' (slow, not dead). An attempt that ended by itself (done, error, released) keeps
+-- its outcome: a heartbeat that raced its own finish is not a fenced attempt.
+UPDATE attempts
+   SET outcome = 'fenced', ended_at = COALESCE(ended_at, :now), error = COALESCE(error || '; ', '') || :error
+ WHERE lease = :lease AND (outcome IS NULL OR outcome = 'reaped');
+
 -- name: task_status
 SELECT status FROM tasks WHERE id = :task_id;
 
@@ -222,3 +230,17 @@ SELECT t.id AS task_id, t.kind, t.status, t.video, t.config_hash,
   LEFT JOIN search_configs AS sc ON sc.config_hash = t.config_hash
   LEFT JOIN results AS r ON r.task_id = t.id
  ORDER BY sc.search, sc.value, t.video, t.id;
+
+-- ---------------------------------------------------------------- slurm
+-- hparray/slurm.py: the sweep's job arrays and the Slurm ids of its live workers.
+
+-- name: slurm_submissions
+SELECT id, job_id, array_size, throttle, submitted_at, state FROM submissions ORDER BY submitted_at, id;
+
+-- name: slurm_live_workers
+-- Workers that have not stopped, with the Slurm task they run in (the reaper asks squeue about it).
+SELECT id, started_at, slurm_job_id, slurm_array_job_id, slurm_array_task_id FROM workers
+ WHERE state = 'running' AND slurm_job_id IS NOT NULL;
+
+-- name: slurm_cancel_submission
+UPDATE submissions SET state = 'cancelled' WHERE job_id = :job_id AND state = 'submitted';

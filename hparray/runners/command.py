@@ -8,6 +8,7 @@ so video paths with spaces, quotes or `;` reach the script intact and cannot inj
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -55,7 +56,9 @@ def _check_command(command: Any) -> list[str]:
     known = ", ".join("{" + name + "}" for name in PLACEHOLDERS)
     for arg in command:
         try:
-            fields = [field for _, field, _, _ in string.Formatter().parse(arg) if field is not None]
+            fields = [
+                field for _, field, _, _ in string.Formatter().parse(arg) if field is not None
+            ]
         except ValueError as exc:
             raise ConfigError(
                 f"runner.command element {arg!r}: {exc} (write {{{{ and }}}} for literal braces)"
@@ -79,10 +82,8 @@ def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
 
 
 def _kill_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _read_mp4(path: Path) -> np.ndarray:
@@ -251,7 +252,9 @@ class CommandRunner:
         return _to_unit_float(raw[:num_frames], path)
 
     @staticmethod
-    def _timings(output_dir: Path, wall_s: float, peak_rss_mb: float) -> tuple[dict[str, float], float]:
+    def _timings(
+        output_dir: Path, wall_s: float, peak_rss_mb: float
+    ) -> tuple[dict[str, float], float]:
         """The script's own timings.json when it wrote one, else the wall time as inference."""
         path = output_dir / TIMINGS_NAME
         if not path.is_file():

@@ -8,6 +8,7 @@ gives bit-identical output whatever ran before.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import resource
@@ -32,7 +33,7 @@ _FINETUNE_SEED_OFFSET = 1
 """Keeps the fine-tuning noise stream distinct from the sampling noise of the same seed."""
 
 _PROMPT_TOKENS = 1
-"""Length of the all-zero prompt: cross-attention over identical tokens is the same for any length."""
+"""Length of the all-zero prompt: attention over identical tokens is the same for any length."""
 
 _LORA_ADAPTER = "hparray"
 _LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -78,8 +79,27 @@ def _tiny_modules() -> tuple[Any, Any]:
     return transformer, vae
 
 
+def load_pipeline(path: Path, dtype: torch.dtype | None = None) -> LTXConditionPipeline:
+    """A diffusers-layout LTX-Video checkpoint, without text encoder, ready for bit-exact CPU runs.
+
+    safetensors hands back views into the file at whatever alignment the header leaves, and
+    CPU kernels round differently on unaligned data (2e-7 here); giving every tensor its own
+    storage makes a loaded model compute exactly what the same weights built in memory do.
+    """
+    import torch
+    from diffusers import LTXConditionPipeline
+
+    pipe = LTXConditionPipeline.from_pretrained(
+        str(path), text_encoder=None, tokenizer=None, dtype=dtype or torch.float32
+    )
+    for module in (pipe.transformer, pipe.vae):
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            tensor.data = tensor.data.clone()
+    return _ready(pipe)
+
+
 def build_tiny_pipeline(weights_dir: Path | None) -> LTXConditionPipeline:
-    """The built-in tiny LTX pipeline: shipped trained weights from `weights_dir`, else seeded random ones.
+    """The built-in tiny LTX pipeline: trained weights from `weights_dir`, else seeded random ones.
 
     Random initialisation happens under a forked RNG seeded with TINY_SEED, so the weights are
     bit-identical on every call and the caller's global RNG is left untouched.
@@ -88,26 +108,29 @@ def build_tiny_pipeline(weights_dir: Path | None) -> LTXConditionPipeline:
     from diffusers import FlowMatchEulerDiscreteScheduler, LTXConditionPipeline
 
     if weights_dir is not None:
-        pipe = LTXConditionPipeline.from_pretrained(
-            str(weights_dir), text_encoder=None, tokenizer=None
-        )
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
-            transformer, vae = _tiny_modules()
-        pipe = LTXConditionPipeline(
+        return load_pipeline(weights_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        transformer, vae = _tiny_modules()
+    return _ready(
+        LTXConditionPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(),
             vae=vae,
             text_encoder=None,
             tokenizer=None,
             transformer=transformer,
         )
+    )
+
+
+def _ready(pipe: LTXConditionPipeline) -> LTXConditionPipeline:
     # Framewise VAE tiling changes results and buys nothing at these sizes.
     pipe.vae.use_framewise_encoding = False
     pipe.vae.use_framewise_decoding = False
     # Eval mode, as from_pretrained returns them: a freshly built module is in train mode.
     pipe.vae.eval()
     pipe.transformer.eval()
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -158,7 +181,9 @@ class LTXRunner:
         if self.finetune_mode not in ("full", "lora"):
             raise ConfigError(f"model.finetune is {self.finetune_mode!r}: use 'full' or 'lora'")
         if self.dtype_name not in _DTYPES:
-            raise ConfigError(f"model.dtype is {self.dtype_name!r}: use one of {', '.join(_DTYPES)}")
+            raise ConfigError(
+                f"model.dtype is {self.dtype_name!r}: use one of {', '.join(_DTYPES)}"
+            )
         if self.lora_rank < 1 or self.inference_steps < 1 or self.frame_rate < 1:
             raise ConfigError(
                 "model.lora_rank, model.inference_steps and model.frame_rate must be positive"
@@ -170,7 +195,7 @@ class LTXRunner:
     # ----------------------------------------------------------------- loading
 
     def load(self) -> None:
-        """Build or read the pipeline and snapshot the transformer's weights; later calls do nothing."""
+        """Build or read the pipeline and snapshot the transformer's weights; then a no-op."""
         if self.pipe is not None:
             return
         started = time.perf_counter()
@@ -185,27 +210,20 @@ class LTXRunner:
         try:
             if self.model_path is None:
                 pipe = build_tiny_pipeline(None)
-            else:
-                from diffusers import LTXConditionPipeline
-
-                if not self.model_path.is_dir():
-                    # Checked here: diffusers would take a missing path for a Hub repo id.
-                    raise RunnerError(
-                        f"model.path {self.model_path} is not a directory: give a local LTX-Video "
-                        "checkpoint in diffusers layout, or null for the built-in tiny model"
-                    )
-                pipe = LTXConditionPipeline.from_pretrained(
-                    str(self.model_path), text_encoder=None, tokenizer=None, dtype=dtype
+            elif not self.model_path.is_dir():
+                # Checked here: diffusers would take a missing path for a Hub repo id.
+                raise RunnerError(
+                    f"model.path {self.model_path} is not a directory: give a local LTX-Video "
+                    "checkpoint in diffusers layout, or null for the built-in tiny model"
                 )
-                pipe.vae.use_framewise_encoding = False
-                pipe.vae.use_framewise_decoding = False
+            else:
+                pipe = load_pipeline(self.model_path, dtype)
             if pipe.transformer.dtype != dtype:
                 pipe.to(dtype=dtype)
             pipe.to(self.device)
         except (OSError, ValueError, RuntimeError) as exc:
             where = self.model_path if self.model_path is not None else "the built-in tiny model"
             raise RunnerError(f"cannot load LTX-Video from {where}: {exc}") from exc
-        pipe.set_progress_bar_config(disable=True)
         pipe.vae.requires_grad_(False)
         pipe.transformer.requires_grad_(False)
         self.pipe = pipe
@@ -224,14 +242,16 @@ class LTXRunner:
         return self._generate_task(frames, condition_frames, seed, timings, {})
 
     def finetune_and_generate(self, clip: Clip, hp: Hyperparams, seed: int) -> Generation:
-        """Fine-tune on the first `hp.condition_frames` frames, generate, restore the base weights."""
+        """Fine-tune on the first `hp.condition_frames` frames, generate, restore the weights."""
         timings = self._begin_task()
         frames = self._check_clip(clip, hp.condition_frames)
         try:
             started = time.perf_counter()
             losses, diverged_at = self._finetune(frames, hp, seed)
             timings["finetune"] = self._elapsed(started)
-            notes: dict[str, Any] = {"loss_first": losses[0], "loss_last": losses[-1]} if losses else {}
+            notes: dict[str, Any] = (
+                {"loss_first": losses[0], "loss_last": losses[-1]} if losses else {}
+            )
             if diverged_at is not None:
                 timings["inference"] = 0.0
                 notes["diverged_at_step"] = diverged_at
@@ -275,16 +295,20 @@ class LTXRunner:
     def _check_clip(self, clip: Clip, condition_frames: int) -> np.ndarray:
         frames = np.asarray(clip.frames, dtype=np.float32)
         if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise RunnerError(f"video {clip.ref.name}: frames have shape {frames.shape}, expected (T, H, W, 3)")
+            raise RunnerError(
+                f"video {clip.ref.name}: frames have shape {frames.shape}, expected (T, H, W, 3)"
+            )
         num_frames, height, width, _ = frames.shape
         ratio = self.pipe.vae_spatial_compression_ratio
         if height % ratio or width % ratio:
             raise RunnerError(
-                f"video {clip.ref.name}: {height}x{width} frames, LTX-Video needs multiples of {ratio}"
+                f"video {clip.ref.name}: {height}x{width} frames, "
+                f"LTX-Video needs multiples of {ratio}"
             )
         if not 1 <= condition_frames < num_frames:
             raise RunnerError(
-                f"video {clip.ref.name}: condition_frames={condition_frames} must be in 1..{num_frames - 1} "
+                f"video {clip.ref.name}: condition_frames={condition_frames} "
+                f"must be in 1..{num_frames - 1} "
                 f"for a {num_frames}-frame clip"
             )
         return frames
@@ -361,10 +385,14 @@ class LTXRunner:
         from diffusers.pipelines.ltx.pipeline_ltx_condition import retrieve_latents
 
         pipe = self.pipe
-        latents = retrieve_latents(pipe.vae.encode(pixels.to(self.device, pipe.vae.dtype)), generator)
+        latents = retrieve_latents(
+            pipe.vae.encode(pixels.to(self.device, pipe.vae.dtype)), generator
+        )
         return pipe._normalize_latents(latents, pipe.vae.latents_mean, pipe.vae.latents_std).float()
 
-    def _token_coords(self, latent_frames: int, latent_h: int, latent_w: int, frame_index: int) -> torch.Tensor:
+    def _token_coords(
+        self, latent_frames: int, latent_h: int, latent_w: int, frame_index: int
+    ) -> torch.Tensor:
         pipe = self.pipe
         ids = pipe._prepare_video_ids(
             1,
@@ -386,7 +414,7 @@ class LTXRunner:
     def _training_tokens(
         self, frames: np.ndarray, condition_frames: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """Clean latent tokens of the conditioning frames, laid out as the pipeline lays out its conditions.
+        """Clean latent tokens of the conditioning frames, laid out as the pipeline lays them out.
 
         Returns (tokens (1, S, C), coordinates (1, 3, S) already divided by the frame rate,
         the number of single-frame tokens, the number of latent frames of the video prefix):
@@ -458,11 +486,13 @@ class LTXRunner:
     def _finetune(
         self, frames: np.ndarray, hp: Hyperparams, seed: int
     ) -> tuple[list[float], int | None]:
-        """AdamW on the flow-matching loss the sampler integrates; returns (losses, step of divergence).
+        """AdamW on the flow-matching loss the sampler integrates; returns (losses, diverged step).
 
         Each step keeps a random number of leading latent frames clean at timestep 0 (as the
         pipeline keeps its conditions) and noises the rest to one of the sampler's levels:
-        x_t = (1 - sigma) x0 + sigma noise, timestep sigma*1000, target noise - x0.
+        x_t = (1 - sigma) x0 + sigma noise, timestep sigma*1000, target noise - x0. The
+        transformer stays in eval mode (LTX has no dropout), so nothing draws from the global
+        RNG and a task is a pure function of its weights, video, hyperparameters and seed.
         """
         import torch
 
@@ -484,39 +514,33 @@ class LTXRunner:
         transformer = self.pipe.transformer
         params = self._trainable(seed)
         optimizer = torch.optim.AdamW(params, lr=hp.lr)
-        transformer.train()
         losses: list[float] = []
-        try:
-            for step in range(hp.finetune_steps):
-                clean_frames = int(
-                    torch.randint(fewest_clean, most_clean + 1, (1,), generator=generator)
-                )
-                sigma = sigmas[int(torch.randint(0, len(sigmas), (1,), generator=generator))]
-                noise = torch.randn(clean.shape, generator=generator).to(self.device)
-                is_clean = torch.zeros(tokens, dtype=torch.bool, device=self.device)
-                is_clean[image_tokens : image_tokens + clean_frames * per_frame] = True
-                keep = is_clean[None, :, None]
-                noisy = torch.where(keep, clean, (1 - sigma) * clean + sigma * noise)
-                timestep = torch.where(is_clean, 0.0, float(sigma) * 1000.0)[None]
-                pred = transformer(
-                    hidden_states=noisy.to(transformer.dtype),
-                    encoder_hidden_states=embeds,
-                    timestep=timestep,
-                    encoder_attention_mask=mask,
-                    video_coords=coords,
-                    return_dict=False,
-                )[0].float()
-                target = noise - clean
-                loss = ((pred - target) ** 2)[:, ~is_clean].mean()
-                value = loss.detach().item()
-                if not math.isfinite(value):
-                    return losses, step
-                losses.append(value)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        finally:
-            transformer.eval()
+        for step in range(hp.finetune_steps):
+            clean_frames = int(
+                torch.randint(fewest_clean, most_clean + 1, (1,), generator=generator)
+            )
+            sigma = sigmas[int(torch.randint(0, len(sigmas), (1,), generator=generator))]
+            noise = torch.randn(clean.shape, generator=generator).to(self.device)
+            is_clean = torch.zeros(tokens, dtype=torch.bool, device=self.device)
+            is_clean[image_tokens : image_tokens + clean_frames * per_frame] = True
+            noisy = torch.where(is_clean[None, :, None], clean, (1 - sigma) * clean + sigma * noise)
+            timestep = torch.where(is_clean, 0.0, float(sigma) * 1000.0)[None]
+            pred = transformer(
+                hidden_states=noisy.to(transformer.dtype),
+                encoder_hidden_states=embeds,
+                timestep=timestep,
+                encoder_attention_mask=mask,
+                video_coords=coords,
+                return_dict=False,
+            )[0].float()
+            loss = ((pred - (noise - clean)) ** 2)[:, ~is_clean].mean()
+            value = loss.detach().item()
+            if not math.isfinite(value):
+                return losses, step
+            losses.append(value)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         return losses, None
 
     def _restore(self) -> None:
@@ -529,4 +553,5 @@ class LTXRunner:
         if getattr(transformer, "peft_config", None):
             transformer.unload_lora()
         transformer.requires_grad_(False)
+        transformer.zero_grad(set_to_none=True)  # a model's worth of memory otherwise
         transformer.load_state_dict(self._snapshot)

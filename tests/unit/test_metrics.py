@@ -30,7 +30,9 @@ torch.set_num_threads(1)
 
 
 def natural_images() -> dict[str, np.ndarray]:
-    return {name: img_as_float(getattr(data, name)()) for name in ("astronaut", "chelsea", "coffee")}
+    return {
+        name: img_as_float(getattr(data, name)()) for name in ("astronaut", "chelsea", "coffee")
+    }
 
 
 def degradations(image: np.ndarray) -> dict[str, np.ndarray]:
@@ -44,15 +46,22 @@ def degradations(image: np.ndarray) -> dict[str, np.ndarray]:
 
 def skimage_ssim(pred: np.ndarray, truth: np.ndarray) -> float:
     return structural_similarity(
-        pred, truth, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-        data_range=1, channel_axis=-1,
+        pred,
+        truth,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1,
+        channel_axis=-1,
     )
 
 
 def video(frames: int = 6, size: int = 64, seed: int = 0) -> np.ndarray:
     """A short float32 clip: crops of the astronaut sliding right by 3 px per frame."""
     image = img_as_float(data.astronaut()).astype(np.float32)
-    return np.stack([image[100:100 + size, 150 + 3 * t:150 + 3 * t + size] for t in range(frames)])
+    return np.stack(
+        [image[100 : 100 + size, 150 + 3 * t : 150 + 3 * t + size] for t in range(frames)]
+    )
 
 
 def test_psnr_and_ssim_match_skimage_on_natural_images() -> None:
@@ -61,7 +70,9 @@ def test_psnr_and_ssim_match_skimage_on_natural_images() -> None:
             assert psnr(degraded, image) == pytest.approx(
                 peak_signal_noise_ratio(image, degraded, data_range=1), abs=1e-6
             ), (name, kind)
-            assert ssim(degraded, image) == pytest.approx(skimage_ssim(degraded, image), abs=1e-6), (
+            assert ssim(degraded, image) == pytest.approx(
+                skimage_ssim(degraded, image), abs=1e-6
+            ), (
                 name,
                 kind,
             )
@@ -102,8 +113,12 @@ def test_scorer_means_per_frame_scores_over_unseen_frames_only() -> None:
         abs=1e-6,
     )
     assert scores["ssim"] == pytest.approx(
-        np.mean([skimage_ssim(p.astype(np.float64), t.astype(np.float64))
-                 for p, t in zip(pred[2:], truth[2:])]),
+        np.mean(
+            [
+                skimage_ssim(p.astype(np.float64), t.astype(np.float64))
+                for p, t in zip(pred[2:], truth[2:])
+            ]
+        ),
         abs=1e-6,
     )
 
@@ -111,7 +126,9 @@ def test_scorer_means_per_frame_scores_over_unseen_frames_only() -> None:
 def test_conditioning_frames_are_never_scored() -> None:
     truth = video()
     pred = truth.copy()
-    pred[:3] = np.random.default_rng(0).random(pred[:3].shape)  # garbage where the model was given frames
+    pred[:3] = np.random.default_rng(0).random(
+        pred[:3].shape
+    )  # garbage where the model was given frames
     scores = Scorer(["psnr", "ssim"]).score(pred, truth, condition_frames=3)
     assert scores == {"psnr": PSNR_CAP_DB, "ssim": pytest.approx(1.0)}
 
@@ -187,7 +204,10 @@ def test_nongenuine_weights_are_labelled_and_refused_unless_allowed(
     prefix = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
     status = lpips_weights_status()
     assert (status.path, status.present, status.sha256_prefix, status.genuine) == (
-        path, True, prefix, False,
+        path,
+        True,
+        prefix,
+        False,
     )
     with pytest.raises(MetricsError, match=f"not the genuine.*{prefix}"):
         require_lpips()

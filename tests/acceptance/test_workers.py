@@ -1,0 +1,306 @@
+"""Real `hparray worker` processes against one database: many at once (every row exactly once,
+no double claim, no lock errors), killed with SIGKILL (reclaimed after the grace, the dead
+attempt fenced), stopped with SIGTERM (the row given back at once), and the local executor
+replacing a worker that dies.
+
+Everything is observed through the database and the marks the test runner drops at each task
+start, with deadlines instead of fixed sleeps: the CI machine has two loaded cores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from hparray.store import Store
+from hparray.tasks import ClaimedTask, TaskOutcome
+from tests.conftest import Project
+
+# Rows that must never be reaped in the throughput tests: a worker starved of CPU for a few seconds
+# is not dead, and a reap there would (correctly) run a row twice and blur what is measured.
+CALM = {"tasks.heartbeat_grace_s": 120}
+
+
+def lr_values(n: int) -> list[float]:
+    """n distinct learning rates (3 significant digits, so their names and marks differ)."""
+    return [float(f"{1e-6 * 1.4 ** i:.3g}") for i in range(n)]
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.1) -> Any:
+    """Poll until `predicate()` is truthy and return it; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def rows(store: Store, sql: str, **params: Any) -> list[Any]:
+    with store.engine.connect() as conn:
+        return list(conn.execute(text(sql), params))
+
+
+class Workers:
+    """Worker (and submit) processes of one test, output in files; whatever is left is killed."""
+
+    def __init__(self, project: Project, folder: Path, db: str | None):
+        self.project, self.folder, self.db = project, folder, db
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = self.folder / f"proc-{len(self.procs)}.log"
+        with open(log, "wb") as out:
+            proc = self.project.popen(*(["--db", self.db] if self.db else []), *args, env=env, stdout=out,
+                                      stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        self.logs.append(log)
+        return proc
+
+    def wait_all(self, timeout_s: float) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        codes = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"process {proc.args} still running after {timeout_s:.0f} s:\n{self.output()[-3000:]}")
+        return codes
+
+    def output(self) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')}" for log in self.logs if log.exists())
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Callable[..., Workers]]:
+    made: list[Workers] = []
+
+    def make(project: Project, db: str | None = None) -> Workers:
+        group = Workers(project, tmp_path / f"logs{len(made)}", db)
+        made.append(group)
+        return group
+
+    yield make
+    for group in made:
+        group.kill_all()
+
+
+def plan(project: Project, db: str | None = None) -> Store:
+    """`hparray plan --search lr` through the CLI, then the store it wrote."""
+    done = project.run(*(["--db", db] if db else []), "plan", "--search", "lr")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return Store.open(db or str(project.db), create=False)
+
+
+def mark_keys(marks: Path) -> Counter:
+    """Task starts the test runner recorded, by row: `kind-video-lr-condition_frames` (pid and time cut)."""
+    return Counter(name.rsplit("-", 2)[0] for name in os.listdir(marks))
+
+
+def assert_each_row_done_exactly_once(store: Store, marks: Path, expected_tasks: int,
+                                      extra_starts: int = 0) -> None:
+    """One 'done' attempt and one result per row, every row done, and the runner started
+    `expected_tasks + extra_starts` times (extra: attempts that were killed mid-task)."""
+    statuses = dict(rows(store, "SELECT status, COUNT(*) FROM tasks GROUP BY status"))
+    assert statuses == {"done": expected_tasks}, statuses
+    assert rows(store, "SELECT COUNT(*) FROM results")[0][0] == expected_tasks
+    per_task = rows(store, "SELECT task_id, COUNT(*) FROM attempts WHERE outcome = 'done' GROUP BY task_id")
+    assert len(per_task) == expected_tasks
+    assert [row for row in per_task if row[1] != 1] == [], "rows with more than one 'done' attempt"
+    unmatched = rows(store, "SELECT r.task_id FROM results AS r JOIN attempts AS a ON a.id = r.attempt_id "
+                            "WHERE a.task_id <> r.task_id OR a.outcome <> 'done'")
+    assert unmatched == [], "results recorded by an attempt that did not finish that row"
+    starts = len(os.listdir(marks))
+    assert starts == expected_tasks + extra_starts, f"{starts} task starts for {expected_tasks} rows"
+
+
+def many_workers_finish_every_row_once(project: Project, workers: Callable[..., Workers], tmp_path: Path,
+                                       count: int, expected_tasks: int, db: str | None) -> Workers:
+    store = plan(project, db)
+    try:
+        assert rows(store, "SELECT COUNT(*) FROM tasks")[0][0] == expected_tasks
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        env = {"HPARRAY_TEST_TASK_S": "0", "HPARRAY_TEST_MARK_DIR": str(marks)}
+        group = workers(project, db)
+        for _ in range(count):  # all started before any is waited on
+            group.start("worker", "--poll-s", "0.2", env=env)
+        codes = group.wait_all(timeout_s=400)
+        output = group.output()
+        assert codes == [0] * count, output[-5000:]
+        assert "database is locked" not in output
+        assert "Traceback" not in output, output[-5000:]
+
+        assert_each_row_done_exactly_once(store, marks, expected_tasks)
+        assert len(mark_keys(marks)) == expected_tasks  # ... and each start was a different row
+        registered = rows(store, "SELECT state, COUNT(*) FROM workers GROUP BY state")
+        assert dict(registered) == {"stopped": count}
+        busy = rows(store, "SELECT COUNT(DISTINCT worker_id) FROM attempts")[0][0]
+        assert busy >= 2, "the workers never ran side by side"
+        assert rows(store, "SELECT COUNT(*) FROM attempts")[0][0] == expected_tasks  # nothing reaped or retried
+    finally:
+        store.close()
+    return group
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sixteen_workers_on_one_sqlite_file_finish_every_row_exactly_once(
+        make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
+    project = make_project(categories=("pan", "zoom", "tilt", "static"), per_category=5, lr_values=lr_values(25),
+                           **{"data.num_videos": 20}, **CALM)
+    many_workers_finish_every_row_once(project, workers, tmp_path, count=16, expected_tasks=20 * 25 + 20, db=None)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.timeout(600)
+def test_eight_workers_on_postgresql_finish_every_row_exactly_once(
+        make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path, pg_url: str) -> None:
+    project = make_project(categories=("pan", "zoom"), per_category=5, lr_values=lr_values(19),
+                           **{"data.num_videos": 10}, **CALM)
+    many_workers_finish_every_row_once(project, workers, tmp_path, count=8, expected_tasks=10 * 19 + 10, db=pg_url)
+
+
+# ---------------------------------------------------------------- a worker that dies, or is stopped
+
+
+def running_row_of(store: Store, pid: int) -> Any:
+    """The running row held by the worker process `pid`, once it exists."""
+    found = rows(store, "SELECT t.id, t.lease, t.attempts, t.worker_id FROM tasks AS t "
+                        "JOIN workers AS w ON w.id = t.worker_id WHERE t.status = 'running' AND w.pid = :pid",
+                 pid=pid)
+    return found[0] if found else None
+
+
+def one_video_project(make_project: Callable[..., Project]) -> Project:
+    """One video, one lr: a baseline row, and a fine-tune row that waits for it."""
+    return make_project(categories=("pan",), per_category=1, lr_values=[1e-5], **{"data.num_videos": 1})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_killed_worker_row_is_reclaimed_after_the_grace_and_its_late_finish_is_fenced(
+        make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
+    project = one_video_project(make_project)
+    grace_s = float(project.base()["tasks"]["heartbeat_grace_s"])
+    store = plan(project)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    group = workers(project)
+    victim = group.start("worker", env={"HPARRAY_TEST_TASK_S": "3", "HPARRAY_TEST_MARK_DIR": str(marks)})
+    held = wait_for("the victim to be running its row", lambda: running_row_of(store, victim.pid), 90)
+    wait_for("the victim's task to start", lambda: os.listdir(marks), 30, 0.02)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=30) == -signal.SIGKILL
+    assert rows(store, "SELECT status, lease FROM tasks WHERE id = :id", id=held.id)[0] == ("running", held.lease)
+
+    rescuer = group.start("worker", "--poll-s", "0.2",
+                          env={"HPARRAY_TEST_TASK_S": "0", "HPARRAY_TEST_MARK_DIR": str(marks)})
+    assert rescuer.wait(timeout=120) == 0, group.output()[-3000:]
+
+    assert_each_row_done_exactly_once(store, marks, expected_tasks=2, extra_starts=1)
+    attempts = rows(store, "SELECT id, lease, outcome, worker_id, started_at, heartbeat_at FROM attempts "
+                           "WHERE task_id = :id ORDER BY id", id=held.id)
+    assert [(a.lease, a.outcome) for a in attempts] == [(held.lease, "reaped"), (attempts[1].lease, "done")]
+    dead, second = attempts
+    assert second.worker_id != held.worker_id
+    assert second.started_at >= dead.heartbeat_at + grace_s, "reclaimed before the heartbeat grace ran out"
+    result = rows(store, "SELECT attempt_id, psnr FROM results WHERE task_id = :id", id=held.id)
+    assert [r.attempt_id for r in result] == [second.id]
+
+    # The killed attempt's lease no longer finishes anything: no second result, an event says so.
+    info = store.fetch("claimed_task", {"task_id": held.id})[0]
+    late = ClaimedTask(id=held.id, lease=held.lease, attempt=1, max_attempts=3, kind=info.kind,
+                       config_hash=info.config_hash, video=info.video, video_path=info.video_path,
+                       category=info.category, caption=info.caption, video_seed=info.video_seed, lr=info.lr,
+                       condition_frames=info.condition_frames, finetune_steps=info.finetune_steps,
+                       estimate_s=info.estimate_s)
+    assert store.finish(late, TaskOutcome(status="done", metrics={"psnr": 99.0}), time.time()) is False
+    assert rows(store, "SELECT attempt_id, psnr FROM results WHERE task_id = :id", id=held.id) == result
+    assert rows(store, "SELECT COUNT(*) FROM results")[0][0] == 2
+    assert rows(store, "SELECT outcome FROM attempts WHERE lease = :l", l=held.lease)[0][0] == "fenced"
+    assert rows(store, "SELECT COUNT(*) FROM events WHERE kind = 'fenced' AND lease = :l", l=held.lease)[0][0] == 1
+    store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_gives_the_row_back_at_once_without_spending_an_attempt(
+        make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
+    project = one_video_project(make_project)
+    store = plan(project)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    before = rows(store, "SELECT attempts FROM tasks WHERE kind = 'baseline'")[0][0]
+    group = workers(project)
+    worker = group.start("worker", env={"HPARRAY_TEST_TASK_S": "60", "HPARRAY_TEST_MARK_DIR": str(marks)})
+    held = wait_for("the worker to be running its row", lambda: running_row_of(store, worker.pid), 90)
+    wait_for("the task to start", lambda: os.listdir(marks), 30, 0.02)
+    assert held.attempts == before + 1
+
+    worker.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    row = wait_for("the row to be pending again", lambda: [r for r in rows(
+        store, "SELECT status, attempts, lease, worker_id FROM tasks WHERE id = :id", id=held.id)
+        if r.status == "pending"], 5, 0.05)[0]
+    assert time.monotonic() - stopped < 5  # released by the worker, not reaped after the grace
+    assert (row.attempts, row.lease, row.worker_id) == (before, None, None)
+    assert rows(store, "SELECT outcome FROM attempts WHERE lease = :l", l=held.lease)[0][0] == "released"
+    assert rows(store, "SELECT COUNT(*) FROM attempts")[0][0] == 1
+    assert worker.wait(timeout=30) == 0, group.output()
+    assert "1 released" in group.output()
+    assert rows(store, "SELECT state FROM workers WHERE pid = :pid", pid=worker.pid)[0][0] == "stopped"
+    store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_local_executor_replaces_a_worker_killed_mid_task(
+        make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
+    project = make_project(categories=("pan", "zoom"), per_category=2, lr_values=[1e-6, 1e-5, 1e-4],
+                           **{"data.num_videos": 4})
+    store = plan(project)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    group = workers(project)
+    submit = group.start("submit", "--local", "--workers", "2",
+                         env={"HPARRAY_TEST_TASK_S": "1", "HPARRAY_TEST_MARK_DIR": str(marks)})
+
+    def busy_worker() -> Any:
+        found = rows(store, "SELECT t.id, t.lease, w.pid, w.id AS worker FROM tasks AS t "
+                            "JOIN workers AS w ON w.id = t.worker_id WHERE t.status = 'running'")
+        return found[0] if found else None
+
+    victim = wait_for("a worker running a row", busy_worker, 120, 0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert submit.wait(timeout=300) == 0, group.output()[-4000:]
+
+    output = group.output()
+    assert re.search(r"\(1 workers replaced\)", output), output[-3000:]
+    killed = rows(store, "SELECT outcome FROM attempts WHERE lease = :l", l=victim.lease)
+    assert [r.outcome for r in killed] == ["reaped"], "the worker was not killed mid-task"
+    assert_each_row_done_exactly_once(store, marks, expected_tasks=16, extra_starts=1)
+    logs = list((project.root / "results" / "logs").glob("worker-*.log"))
+    assert logs and not any("database is locked" in log.read_text() for log in logs)
+    store.close()
