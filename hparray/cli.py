@@ -224,7 +224,7 @@ def submit(ctx: Context, local: bool, workers: int | None, partition: str | None
     """
     from hparray.executor import LocalExecutor, visible_gpus
 
-    from hparray.preflight import before_submit
+    from hparray.doctor import before_submit
 
     overrides = slurm.Overrides(partition=partition, time=time_limit, gpus=gpus, sbatch_args=sbatch_args)
     backend = slurm.choose_backend(local=local, dry_run=dry_run, overrides=overrides, throttle=throttle)
@@ -478,9 +478,12 @@ def report(ctx: Context, out: Path | None) -> None:
 def render_report(r: Report) -> list[object]:
     """Rich renderables for a `hparray.report.Report`: one table per search, best values starred.
 
-    Each metric cell holds the mean with its CI and, below it, the paired difference from the
-    search's baseline config, so three metrics still fit 120 columns.
+    Each metric cell stacks the mean, its CI and the paired difference from the search's
+    baseline config, so three metrics still fit 120 columns.
     """
+    from rich import box
+    from rich.markup import escape
+
     from hparray.report import METRIC_LABELS, fmt_metric, fmt_p
 
     parts: list[object] = []
@@ -489,29 +492,31 @@ def render_report(r: Report) -> list[object]:
                      "finished; configs marked partial are scored on the videos done so far")
     for s in r.searches:
         title = f"search {s.name}: {s.parameter}, baseline {s.baseline_config or 'none'}"
-        table = Table(title=title + (" [red](partial)[/]" if s.partial else ""), title_justify="left")
+        table = Table(title=title + (" [red](partial)[/]" if s.partial else ""), title_justify="left",
+                      box=box.HORIZONTALS, show_lines=True)
         table.add_column("config", no_wrap=True)
         table.add_column("videos", justify="right", no_wrap=True)
         for metric in r.metrics:
-            table.add_column(f"{METRIC_LABELS[metric]} [95% CI]\nΔ vs base, p, better", justify="right",
+            table.add_column(f"{METRIC_LABELS[metric]}\n{escape('[95% CI]')}\nΔ base, p, better", justify="right",
                              no_wrap=True)
         table.add_column("div/fail", justify="right")
         table.add_column("GPU-h", justify="right")
         for c in s.configs:
             scored = c.metrics[r.metrics[0]].n if r.metrics else 0
             videos = {"completed": f"{scored}/{c.rows['total']}", "pending": "[dim]pending[/]"}.get(
-                c.status, f"[red]{scored}/{c.rows['total']} partial[/]")
+                c.status, f"[red]{scored}/{c.rows['total']}\npartial[/]")
             cells = [c.name + (" *" if c.is_baseline else ""), videos]
             for metric in r.metrics:
                 e = c.metrics[metric]
-                mean = "-" if e.mean is None else \
-                    f"{fmt_metric(e.mean, metric)} [{fmt_metric(e.ci_low, metric)}, {fmt_metric(e.ci_high, metric)}]"
+                cell = fmt_metric(e.mean, metric)
                 if metric in s.best and s.best[metric].config == c.name:
-                    mean = f"[bold green]★ {mean}[/]"
+                    cell = f"[bold green]★ {cell}[/]"
+                if e.ci_low is not None:
+                    cell += "\n" + escape(f"[{fmt_metric(e.ci_low, metric)}, {fmt_metric(e.ci_high, metric)}]")
                 cmp = c.vs_baseline.get(metric)
                 if cmp is not None and cmp.mean_diff is not None and not c.is_baseline:
-                    mean += f"\n[dim]{cmp.mean_diff:+.3g}, p={fmt_p(cmp.p_value)}, {cmp.improved}/{cmp.pairs}[/]"
-                cells.append(mean)
+                    cell += f"\n[dim]Δ{cmp.mean_diff:+.2g} p={fmt_p(cmp.p_value)} {cmp.improved}/{cmp.pairs}[/]"
+                cells.append(cell)
             cells += [f"{c.rows['diverged']}/{_red(c.rows['failed'])}", f"{c.gpu_hours:.3f}"]
             table.add_row(*cells)
         parts.append(table)
@@ -531,6 +536,31 @@ def render_report(r: Report) -> list[object]:
     parts.append(f"wrote {folder}/: report.html, summary.json, progress.json, per_video.csv, "
                  f"plots/ ({sum(1 for key in r.files if key.startswith('plot:'))} plots)")
     return parts
+
+
+@cli.command()
+@pass_context
+def doctor(ctx: Context) -> None:
+    """Check this machine before GPU time is spent: packages, GPUs, LPIPS weights, database,
+    journal mode and filesystem, SQLite version, Slurm and partition, free disk."""
+    from hparray.doctor import run_checks
+
+    try:
+        settings: Settings | None = ctx.settings()
+    except BadInput as err:
+        err_console.print(f"[yellow]configs: {err}[/]")
+        settings = None
+    checks = run_checks(settings, ctx.db)
+    table = Table(title="hparray doctor", title_justify="left")
+    for column in ("check", "state", "detail", "fix"):
+        table.add_column(column)
+    colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for check in checks:
+        table.add_row(check.name, f"[{colour[check.state]}]{check.state}[/]", check.detail, check.fix)
+    console.print(table)
+    failed = [check.name for check in checks if check.state == "fail"]
+    if failed or settings is None:
+        raise HparrayError(f"doctor: fix {', '.join(failed or ['configs'])} before submitting")
 
 
 # ---------------------------------------------------------------- entry point

@@ -867,7 +867,8 @@ img.plot { max-width: 100%; } details { margin: 0.5em 0 1em; } .muted { color: #
 <h1>What the sweep found</h1>
 <p class="muted">generated {{ generated }} from {{ report.database }}; {{ report.rows.total }} rows:
 {{ report.rows.done }} done, {{ report.rows.diverged }} diverged, {{ report.rows.failed }} failed,
-{{ report.rows.running }} running, {{ report.rows.pending }} pending; {{ "%.2f"|format(report.gpu_hours) }} GPU-hours spent.</p>
+{{ report.rows.running }} running, {{ report.rows.pending }} pending;
+{{ "%.2f"|format(report.gpu_hours) }} GPU-hours spent.</p>
 {% if report.partial %}<p class="partial" id="partial-banner">PARTIAL RESULTS: the sweep is still running
 ({{ report.rows.pending + report.rows.running }} of {{ report.rows.total }} rows not finished). Configs marked
 "partial" are scored on the videos finished so far; every number here will change.</p>{% endif %}
@@ -893,15 +894,20 @@ condition_frames) and the trivial predictor that repeats the last conditioning f
 <ul>{% for metric, best in search.best.items() if metric in report.metrics %}
 <li class="{{ 'sig' if best.significant else 'ns' }}">{{ best.statement }}</li>{% endfor %}</ul>
 {% for metric in report.metrics %}
-<table><caption style="text-align:left"><b>{{ labels[metric] }}</b> ({{ 'higher' if higher[metric] else 'lower' }} is better)</caption>
+<table><caption style="text-align:left"><b>{{ labels[metric] }}</b>
+({{ 'higher' if higher[metric] else 'lower' }} is better; &#9733; best mean)</caption>
 <tr><th class="name">config</th><th>{{ search.parameter }}</th><th>videos</th><th>mean</th><th>std</th><th>95% CI</th>
 <th>&Delta; vs baseline [CI]</th><th>p</th><th>Holm p</th><th>better</th>
 <th>&Delta; vs no fine-tune</th><th>p</th><th>better</th><th>&Delta; vs trivial</th><th>p</th><th>better</th></tr>
 {% for c in search.configs %}{% set e = c.metrics[metric] %}
 <tr class="{{ 'baseline' if c.is_baseline else '' }}">
-<td class="name">{{ c.name }}{% if c.is_baseline %} *{% endif %}{% if c.partial %} <span class="tag">partial</span>{% endif %}</td>
+<td class="name">{{ c.name }}{% if c.is_baseline %} *{% endif %}
+{% if c.status == 'pending' %}<span class="tag">pending</span>
+{% elif c.partial %}<span class="tag">partial</span>{% endif %}</td>
 <td>{{ value(c.value) }}</td><td>{{ e.n }}/{{ c.rows.total }}</td>
-<td class="{{ 'best' if search.best.get(metric) and search.best[metric].config == c.name else '' }}">{{ fmt(e.mean, metric) }}</td>
+{% if search.best.get(metric) and search.best[metric].config == c.name %}
+<td class="best">&#9733; {{ fmt(e.mean, metric) }}</td>
+{% else %}<td>{{ fmt(e.mean, metric) }}</td>{% endif %}
 <td>{{ fmt(e.std, metric) }}</td><td>{{ ci(e.ci_low, e.ci_high, metric) }}</td>
 {% set b = c.vs_baseline.get(metric) %}
 <td>{% if b %}{{ signed(b.mean_diff, metric) }} {{ ci(b.ci_low, b.ci_high, metric) }}{% else %}-{% endif %}</td>
@@ -914,7 +920,8 @@ condition_frames) and the trivial predictor that repeats the last conditioning f
 </table>
 {% endfor %}
 <table><caption style="text-align:left"><b>Rows and cost</b></caption>
-<tr><th class="name">config</th><th>status</th><th>done</th><th>diverged</th><th>failed</th><th>running</th><th>pending</th>
+<tr><th class="name">config</th><th>status</th><th>done</th><th>diverged</th><th>failed</th><th>running</th>
+<th>pending</th>
 <th>fine-tune s (mean)</th><th>inference s (mean)</th><th>GPU-hours</th></tr>
 {% for c in search.configs %}
 <tr class="{{ 'baseline' if c.is_baseline else '' }}"><td class="name">{{ c.name }}</td><td>{{ c.status }}</td>
@@ -942,7 +949,8 @@ condition_frames) and the trivial predictor that repeats the last conditioning f
 {% for c in report.baseline_inference %}<tr><td class="name">{{ c.name }}</td><td>{{ c.status }}</td>
 <td>{{ c.rows.done }}/{{ c.rows.total }}</td>
 {% for metric in report.metrics %}{% set e = c.metrics[metric] %}{% set x = c.vs_trivial[metric] %}
-<td>{{ fmt(e.mean, metric) }} {{ ci(e.ci_low, e.ci_high, metric) }}</td><td>{{ fmt(c.trivial[metric].mean, metric) }}</td>
+<td>{{ fmt(e.mean, metric) }} {{ ci(e.ci_low, e.ci_high, metric) }}</td>
+<td>{{ fmt(c.trivial[metric].mean, metric) }}</td>
 <td>{{ signed(x.mean_diff, metric) }}</td>
 <td>{{ p(x.p_value) }}</td><td>{{ x.improved }}/{{ x.pairs }}</td>{% endfor %}
 <td>{{ "%.3f"|format(c.gpu_hours) }}</td></tr>{% endfor %}

@@ -334,17 +334,17 @@ class SlurmView:
 def observe(store: Store) -> SlurmView:
     """Ask squeue once about this sweep's submitted jobs and decide which workers are gone.
 
-    Only workers of jobs that `hparray submit` recorded are judged: a worker started by hand, or
-    on another cluster, is left to the heartbeat grace. A worker is gone when its task is not in
-    squeue, is in a state without processes (ended, or requeued and pending), or has started
-    again since the worker registered (a requeued task's earlier run).
+    Only workers of jobs that `hparray submit` recorded are judged (a worker sbatch'ed by hand is
+    left to the heartbeat grace), so one sweep database is driven from one cluster. A worker is
+    gone when its task is not in squeue, is in a state without processes (ended, or requeued and
+    pending), or has started again since the worker registered (a requeued task's earlier run).
     """
     submissions = store.fetch("slurm_submissions")
     if not submissions:
         return SlurmView(available=False, problem="nothing submitted to Slurm")
     submitted = {sub.job_id for sub in submissions}
     try:
-        tasks = query_jobs(sub.job_id for sub in submissions if sub.state == "submitted")
+        tasks = query_jobs(sub.job_id for sub in submissions)
     except SlurmUnavailable as err:
         log.warning("%s; using the heartbeat grace alone", err)
         return SlurmView(available=False, problem=str(err), submissions=submissions)
@@ -489,7 +489,7 @@ class Submission:
         return [array.job_id for array in self.arrays if array.job_id]
 
 
-def _hide_secrets(worker_command: list[str]) -> tuple[list[str], dict[str, str]]:
+def hide_db_password(worker_command: list[str]) -> tuple[list[str], dict[str, str]]:
     """A database URL with a password stays out of the script (printed, stored, kept by Slurm):
     it travels in sbatch's environment as HPARRAY_DB, which `--export=ALL` (the default) passes on."""
     if "--db" not in worker_command:
@@ -534,7 +534,7 @@ def submit(settings: Settings, store: Store, *, worker_command: list[str], worke
                             active_jobs=view.active_jobs(), reaped=reaped, dry_run=dry_run)
     if count == 0:
         return submission
-    command, secret_env = _hide_secrets(worker_command)
+    command, secret_env = hide_db_password(worker_command)
     submission.max_array_size = max_array_size() if shutil.which("scontrol") else DEFAULT_MAX_ARRAY_SIZE
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
     chunks = split_arrays(count, limit, submission.max_array_size)

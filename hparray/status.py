@@ -108,7 +108,11 @@ def sweep_status(store: Store, now: float, grace_s: float) -> SweepStatus:
     workers = [_worker_status(row, now, grace_s) for row in store.fetch("live_workers")]
     live = max(1, sum(1 for worker in workers if not worker.stale))
     remaining = totals["pending"] + totals["running"]
-    throughput = float(recent.n or 0) * 3600.0 / THROUGHPUT_WINDOW_S
+    # Rows per hour over the last hour, or over the sweep's life when it is younger than that.
+    window = THROUGHPUT_WINDOW_S
+    if recent.n and recent.first_claimed_at is not None:
+        window = min(window, max(60.0, now - recent.first_claimed_at))
+    throughput = float(recent.n or 0) * 3600.0 / window
     if recent.n and recent.mean_wall_s:
         eta: float | None = remaining * recent.mean_wall_s / live
     elif remaining:

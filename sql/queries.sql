@@ -194,7 +194,8 @@ SELECT w.id, w.host, w.pid, w.gpu, w.slurm_job_id, w.slurm_array_job_id, w.slurm
  ORDER BY w.started_at;
 
 -- name: finished_since
-SELECT COUNT(*) AS n, AVG(r.wall_s) AS mean_wall_s
+SELECT COUNT(*) AS n, AVG(r.wall_s) AS mean_wall_s, MIN(t.finished_at) AS first_at,
+       MIN(t.claimed_at) AS first_claimed_at
   FROM tasks AS t LEFT JOIN results AS r ON r.task_id = t.id
  WHERE t.finished_at >= :since AND t.status IN ('done', 'diverged');
 

@@ -199,7 +199,7 @@ def one_video_project(make_project: Callable[..., Project]) -> Project:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(500)
 def test_a_killed_worker_row_is_reclaimed_after_the_grace_and_its_late_finish_is_fenced(
         make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
     project = one_video_project(make_project)
@@ -208,8 +208,9 @@ def test_a_killed_worker_row_is_reclaimed_after_the_grace_and_its_late_finish_is
     marks = tmp_path / "marks"
     marks.mkdir()
     group = workers(project)
-    victim = group.start("worker", env={"HPARRAY_TEST_TASK_S": "3", "HPARRAY_TEST_MARK_DIR": str(marks)})
-    held = wait_for("the victim to be running its row", lambda: running_row_of(store, victim.pid), 90)
+    # Long enough that a starved test process still kills it mid-task; it never finishes anyway.
+    victim = group.start("worker", env={"HPARRAY_TEST_TASK_S": "30", "HPARRAY_TEST_MARK_DIR": str(marks)})
+    held = wait_for("the victim to be running its row", lambda: running_row_of(store, victim.pid), 180)
     wait_for("the victim's task to start", lambda: os.listdir(marks), 30, 0.02)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=30) == -signal.SIGKILL
@@ -217,7 +218,7 @@ def test_a_killed_worker_row_is_reclaimed_after_the_grace_and_its_late_finish_is
 
     rescuer = group.start("worker", "--poll-s", "0.2",
                           env={"HPARRAY_TEST_TASK_S": "0", "HPARRAY_TEST_MARK_DIR": str(marks)})
-    assert rescuer.wait(timeout=120) == 0, group.output()[-3000:]
+    assert rescuer.wait(timeout=240) == 0, group.output()[-3000:]
 
     assert_each_row_done_exactly_once(store, marks, expected_tasks=2, extra_starts=1)
     attempts = rows(store, "SELECT id, lease, outcome, worker_id, started_at, heartbeat_at FROM attempts "
@@ -245,7 +246,7 @@ def test_a_killed_worker_row_is_reclaimed_after_the_grace_and_its_late_finish_is
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(500)
 def test_sigterm_gives_the_row_back_at_once_without_spending_an_attempt(
         make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
     project = one_video_project(make_project)
@@ -255,52 +256,51 @@ def test_sigterm_gives_the_row_back_at_once_without_spending_an_attempt(
     before = rows(store, "SELECT attempts FROM tasks WHERE kind = 'baseline'")[0][0]
     group = workers(project)
     worker = group.start("worker", env={"HPARRAY_TEST_TASK_S": "60", "HPARRAY_TEST_MARK_DIR": str(marks)})
-    held = wait_for("the worker to be running its row", lambda: running_row_of(store, worker.pid), 90)
+    held = wait_for("the worker to be running its row", lambda: running_row_of(store, worker.pid), 180)
     wait_for("the task to start", lambda: os.listdir(marks), 30, 0.02)
     assert held.attempts == before + 1
 
     worker.send_signal(signal.SIGTERM)
-    stopped = time.monotonic()
+    # At once: the worker puts it back itself (no reaper runs here, and a reap would spend the attempt).
     row = wait_for("the row to be pending again", lambda: [r for r in rows(
         store, "SELECT status, attempts, lease, worker_id FROM tasks WHERE id = :id", id=held.id)
-        if r.status == "pending"], 5, 0.05)[0]
-    assert time.monotonic() - stopped < 5  # released by the worker, not reaped after the grace
+        if r.status == "pending"], 10, 0.05)[0]
     assert (row.attempts, row.lease, row.worker_id) == (before, None, None)
     assert rows(store, "SELECT outcome FROM attempts WHERE lease = :l", l=held.lease)[0][0] == "released"
     assert rows(store, "SELECT COUNT(*) FROM attempts")[0][0] == 1
-    assert worker.wait(timeout=30) == 0, group.output()
+    assert worker.wait(timeout=120) == 0, group.output()
     assert "1 released" in group.output()
     assert rows(store, "SELECT state FROM workers WHERE pid = :pid", pid=worker.pid)[0][0] == "stopped"
     store.close()
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_the_local_executor_replaces_a_worker_killed_mid_task(
         make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
-    project = make_project(categories=("pan", "zoom"), per_category=2, lr_values=[1e-6, 1e-5, 1e-4],
-                           **{"data.num_videos": 4})
+    project = make_project(categories=("pan", "zoom"), per_category=1, lr_values=[1e-6, 1e-5, 1e-4],
+                           **{"data.num_videos": 2})
     store = plan(project)
     marks = tmp_path / "marks"
     marks.mkdir()
     group = workers(project)
     submit = group.start("submit", "--local", "--workers", "2",
-                         env={"HPARRAY_TEST_TASK_S": "1", "HPARRAY_TEST_MARK_DIR": str(marks)})
+                         env={"HPARRAY_TEST_TASK_S": "2", "HPARRAY_TEST_MARK_DIR": str(marks)})
 
     def busy_worker() -> Any:
         found = rows(store, "SELECT t.id, t.lease, w.pid, w.id AS worker FROM tasks AS t "
                             "JOIN workers AS w ON w.id = t.worker_id WHERE t.status = 'running'")
         return found[0] if found else None
 
-    victim = wait_for("a worker running a row", busy_worker, 120, 0.05)
+    victim = wait_for("a worker running a row", busy_worker, 240, 0.05)
     os.kill(victim.pid, signal.SIGKILL)
-    assert submit.wait(timeout=300) == 0, group.output()[-4000:]
+    assert submit.wait(timeout=400) == 0, group.output()[-4000:]
 
     output = group.output()
     assert re.search(r"\(1 workers replaced\)", output), output[-3000:]
     killed = rows(store, "SELECT outcome FROM attempts WHERE lease = :l", l=victim.lease)
     assert [r.outcome for r in killed] == ["reaped"], "the worker was not killed mid-task"
-    assert_each_row_done_exactly_once(store, marks, expected_tasks=16, extra_starts=1)
+    assert_each_row_done_exactly_once(store, marks, expected_tasks=8, extra_starts=1)
     logs = list((project.root / "results" / "logs").glob("worker-*.log"))
     assert logs and not any("database is locked" in log.read_text() for log in logs)
     store.close()

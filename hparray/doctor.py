@@ -1,0 +1,170 @@
+"""Checks before GPU time is spent: `hparray doctor` runs them all, `submit` the ones that would
+otherwise fail on the first task, hours into a queue wait."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hparray.config import Settings
+from hparray.errors import HparrayError, RunnerError
+from hparray.metrics import lpips_weights_status, require_lpips
+from hparray.store import NETWORK_FILESYSTEMS, Store
+
+PACKAGES = ("torch", "torchvision", "diffusers", "lpips", "scikit-image", "sqlalchemy", "click", "rich")
+# A fine-tune row keeps frames.npz (float32, compressed ~0.9) and a small mp4.
+ARTIFACT_BYTES_PER_PIXEL = 4 * 3 * 0.95
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the doctor's table; `fix` says what to do when it is not ok."""
+
+    name: str
+    state: str  # ok | warn | fail
+    detail: str
+    fix: str = ""
+
+
+def before_submit(settings: Settings) -> None:
+    """Refuse to start a sweep that would fail on its first task."""
+    if "lpips" in settings.metrics:
+        require_lpips()
+    path = settings.model.get("path")
+    if path and not Path(path).is_dir():
+        raise RunnerError(f"model.path {path} is not a folder: point it at a local LTX-Video checkpoint "
+                          "(diffusers layout) or set it to null for the built-in model")
+
+
+def run_checks(settings: Settings | None, store_url: str | None, slurm_wanted: bool = True) -> list[Check]:
+    """Every check; none raises, each says what passed and what to fix."""
+    checks = [_python(), _packages(), _gpus()]
+    if settings is not None:
+        checks.append(_lpips(settings))
+        checks.append(_model(settings))
+        checks.append(_disk(settings))
+    checks.extend(_database(store_url))
+    if slurm_wanted:
+        checks.extend(_slurm(settings))
+    return checks
+
+
+def _python() -> Check:
+    version = ".".join(map(str, sys.version_info[:3]))
+    if sys.version_info < (3, 10):
+        return Check("python", "fail", version, "use Python 3.10 or newer")
+    return Check("python", "ok", version)
+
+
+def _packages() -> Check:
+    found, missing = [], []
+    for name in PACKAGES:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    if missing:
+        return Check("packages", "fail", "missing: " + ", ".join(missing), "pip install -e . in the project folder")
+    return Check("packages", "ok", ", ".join(found))
+
+
+def _gpus() -> Check:
+    from hparray.executor import visible_gpus
+
+    gpus = visible_gpus()
+    if gpus:
+        return Check("gpus", "ok", f"{len(gpus)} visible ({','.join(gpus)})")
+    return Check("gpus", "warn", "none visible: tasks run on the CPU (fine for the built-in tiny model)",
+                 "run on a GPU node, or check CUDA_VISIBLE_DEVICES / nvidia-smi")
+
+
+def _lpips(settings: Settings) -> Check:
+    status = lpips_weights_status()
+    wanted = "lpips" in settings.metrics
+    if not status.present:
+        return Check("lpips weights", "fail" if wanted else "warn", f"{status.path} missing",
+                     f"copy alexnet-owt-7be5be79.pth into {status.path.parent}/ or drop lpips from metrics")
+    if not status.genuine:
+        return Check("lpips weights", "fail" if wanted else "warn",
+                     f"{status.path} is not genuine (sha256 {status.sha256_prefix}...)",
+                     "replace it with the real torchvision AlexNet weights")
+    return Check("lpips weights", "ok", f"{status.path} (sha256 {status.sha256_prefix}...)")
+
+
+def _model(settings: Settings) -> Check:
+    path = settings.model.get("path")
+    if path is None:
+        return Check("model", "ok", "built-in tiny LTX-Video model")
+    if not Path(path).is_dir():
+        return Check("model", "fail", f"model.path {path} does not exist", "point model.path at a local checkpoint")
+    return Check("model", "ok", f"checkpoint {path}")
+
+
+def _disk(settings: Settings) -> Check:
+    out = settings.output_path()
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    per_task = settings.data.num_frames * settings.data.height * settings.data.width * ARTIFACT_BYTES_PER_PIXEL
+    detail = f"{free / 2**30:.1f} GiB free at {probe}; ~{per_task / 2**20:.1f} MiB of artifacts per task"
+    if free < 400 * per_task:
+        return Check("disk", "warn", detail, f"free space under {out} (a full grid of 360 rows needs "
+                                             f"~{360 * per_task / 2**30:.1f} GiB)")
+    return Check("disk", "ok", detail)
+
+
+def _database(url: str | None) -> list[Check]:
+    checks = []
+    version = sqlite3.sqlite_version
+    returning = sqlite3.sqlite_version_info >= (3, 35, 0)
+    checks.append(Check("sqlite", "ok" if returning else "warn",
+                        f"SQLite {version}" + ("" if returning else " (no RETURNING: the slower claim is used)"),
+                        "" if returning else "a newer Python or pysqlite3 brings a newer SQLite"))
+    try:
+        store = Store.open(url, create=False)
+    except HparrayError as err:
+        checks.append(Check("database", "fail" if "no database" not in str(err) else "warn", str(err),
+                            "run `hparray plan` first, or fix --db / HPARRAY_DB"))
+        return checks
+    try:
+        detail = f"{store.url} ({store.dialect}, schema v{store.schema_version()})"
+        checks.append(Check("database", "ok", detail))
+        if store.dialect == "sqlite":
+            network = store.filesystem in NETWORK_FILESYSTEMS
+            checks.append(Check(
+                "journal", "warn" if network else "ok",
+                f"journal_mode {store.journal_mode} on {store.filesystem}",
+                "many nodes on a network filesystem: consider PostgreSQL (--db postgresql://...)" if network else "",
+            ))
+    finally:
+        store.close()
+    return checks
+
+
+def _slurm(settings: Settings | None) -> list[Check]:
+    missing = [cmd for cmd in ("sbatch", "squeue", "scancel", "scontrol") if shutil.which(cmd) is None]
+    if missing:
+        return [Check("slurm", "warn", f"not found: {', '.join(missing)}",
+                      "run on a Slurm login node, or use `hparray submit --local`")]
+    checks = [Check("slurm", "ok", "sbatch, squeue, scancel, scontrol on PATH")]
+    partition = settings.slurm.partition if settings is not None else None
+    argv = ["sinfo", "-h", "-o", "%P %a"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        checks.append(Check("partition", "warn", f"sinfo failed: {err}", "check that slurmctld answers"))
+        return checks
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not lines:
+        reason = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        checks.append(Check("partition", "fail", f"{partition or 'default'}: not visible ({reason})",
+                            "set slurm.partition in configs/base.yaml to one `sinfo` lists"))
+    else:
+        up = [line.split()[0] for line in lines if line.split()[-1] == "up"]
+        checks.append(Check("partition", "ok" if up else "warn", ", ".join(lines[:3]),
+                            "" if up else "the partition is not up"))
+    return checks

@@ -1,0 +1,256 @@
+"""`hparray submit` on a REAL Slurm (tests/integration/conftest.py starts it): job arrays of workers
+on fake GPUs, scancel and killed workers mid-task, Slurm's USR1 warning, `hparray cancel`.
+
+Workers run the test runner (tests.support.runners:SleepyRunner): HPARRAY_TEST_TASK_S sets how long
+each task takes and HPARRAY_TEST_MARK_DIR records every task start. sbatch exports the submitting
+environment (--export=ALL, the default), so both, and the PYTHONPATH that makes `tests` importable,
+reach the array tasks. The heartbeat grace is 120 s here: a row back within seconds came back
+through Slurm (the worker's own release, or the Slurm-aware reaper), not through the grace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hparray.config import SlurmSettings
+from hparray.slurm import Overrides, render_script
+from tests.conftest import Project
+from tests.integration.conftest import LocalSlurm
+
+pytestmark = pytest.mark.slurm
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "worker.sbatch"
+GRACE_S = 120
+SIGNAL_GRACE_S = 20
+
+
+def slurm_project(make_project: Callable[..., Project], tmp_path: Path, task_s: float, estimate_s: float = 3.0,
+                  **env: str) -> Project:
+    """8 rows (4 videos: baseline inference + one fine-tune config), small Slurm requests."""
+    project = make_project(lr_values=[1e-5], per_category=2, **{
+        "slurm.mem_gb": 1, "slurm.cpus_per_task": 1, "slurm.time": "10:00", "slurm.gpus_per_task": 1,
+        "slurm.workers": 2, "slurm.throttle": 2, "slurm.signal_grace_s": SIGNAL_GRACE_S,
+        "tasks.heartbeat_interval_s": 1, "tasks.heartbeat_grace_s": GRACE_S,
+        "tasks.gpu_minutes_per_task": estimate_s / 60, "tasks.baseline_gpu_minutes": estimate_s / 60})
+    marks = tmp_path / f"marks-{project.root.name}"
+    marks.mkdir()
+    project.env.update({"HPARRAY_TEST_TASK_S": str(task_s), "HPARRAY_TEST_MARK_DIR": str(marks), **env})
+    planned = project.run("plan", "--search", "lr")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    return project
+
+
+def query(project: Project, sql: str, *params: Any) -> list[sqlite3.Row]:
+    with sqlite3.connect(f"file:{project.db}?mode=ro", uri=True, timeout=30) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(sql, params).fetchall()
+
+
+def counts(project: Project) -> Counter[str]:
+    return Counter({row["status"]: row["n"] for row in query(project, "SELECT status, COUNT(*) AS n FROM tasks "
+                                                                      "GROUP BY status")})
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def submit(project: Project, *args: str) -> str:
+    """`hparray submit` on Slurm; returns the job id it printed."""
+    result = project.run("submit", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "hparray status" in result.stdout
+    return re.search(r"submitted job (\d+)", result.stdout).group(1)  # type: ignore[union-attr]
+
+
+def job_states(local_slurm: LocalSlurm, job: str) -> dict[str, str]:
+    out = local_slurm.command("squeue", "-h", "-r", "-j", job, "-o", "%i|%T").stdout
+    return dict(line.split("|", 1) for line in out.split())
+
+
+def job_ended(local_slurm: LocalSlurm, job: str) -> bool:
+    return not any(state in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING")
+                   for state in job_states(local_slurm, job).values())
+
+
+def marks(project: Project) -> Counter[tuple[str, str]]:
+    """Task starts per (kind, video), from HPARRAY_TEST_MARK_DIR."""
+    folder = Path(project.env["HPARRAY_TEST_MARK_DIR"])
+    return Counter((name.split("-")[0], name.split("-")[1]) for name in os.listdir(folder))
+
+
+# ---------------------------------------------------------------- the script
+
+
+def test_rendered_script_matches_the_golden_file() -> None:
+    """After an intended change to sbatch/worker.sbatch.j2 or render_script, regenerate with
+    `HPARRAY_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/integration/test_slurm.py -k golden`
+    and review the diff of tests/golden/worker.sbatch."""
+    settings = SlurmSettings(
+        job_name="lr-sweep", partition="gpu", account="proj42", qos="normal", time="04:00:00", gpus_per_task=1,
+        cpus_per_task=8, mem_gb=64, constraint="h100", extra_directives=("--mail-type=END",),
+        setup=("module load cuda/12.4", "source /project/.venv/bin/activate"), workers=8, throttle=4,
+        signal_grace_s=300, log_dir="logs/slurm")
+    script = render_script(
+        settings, array_size=8, throttle=4, workdir=Path("/project"), overrides=Overrides(sbatch_args=("--exclusive",)),
+        worker_command=["/project/.venv/bin/python", "-m", "hparray", "--config-dir", "/project/configs", "--db",
+                        "sqlite:////project/results.db", "worker"])
+    if os.environ.get("HPARRAY_REGEN_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(script)
+    assert script == GOLDEN.read_text(), "the script changed: see this test's docstring to regenerate"
+
+
+# ---------------------------------------------------------------- a sweep on Slurm
+
+
+def test_dry_run_then_an_array_on_fake_gpus_runs_the_sweep(local_slurm: LocalSlurm, make_project, tmp_path: Path) -> None:
+    project = slurm_project(make_project, tmp_path, task_s=1.5)
+    dry = project.run("submit", "--dry-run", "--gpus", "1", "--throttle", "2")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    logs = project.root / "logs" / "slurm"
+    for expected in ("#SBATCH --array=0-1%2", "#SBATCH --gres=gpu:1", f"#SBATCH --signal=B:USR1@{SIGNAL_GRACE_S}",
+                     f"#SBATCH --output={logs}/%x_%A_%a.out", f"#SBATCH --error={logs}/%x_%A_%a.err",
+                     "sbatch command: sbatch --parsable", "2 workers for 8 claimable rows", "nothing submitted"):
+        assert expected in dry.stdout
+    assert not logs.exists() and not query(project, "SELECT * FROM submissions")
+
+    job = submit(project, "--gpus", "1", "--throttle", "2")
+    assert [row["job_id"] for row in query(project, "SELECT job_id FROM submissions")] == [job]
+    wait_for("a worker to register", lambda: query(project, "SELECT id FROM workers WHERE state = 'running'"), 90)
+    status = project.run("status")
+    assert status.returncode == 0, status.stderr
+    assert re.search(rf"\b{job}_[01]\b", status.stdout) and "slurm jobs" in status.stdout
+
+    wait_for("every row done", lambda: counts(project)["done"] == 8, 150)
+    workers = query(project, "SELECT gpu, slurm_array_job_id, slurm_array_task_id FROM workers")
+    assert {w["slurm_array_job_id"] for w in workers} == {job}
+    assert sorted(w["slurm_array_task_id"] for w in workers) == ["0", "1"]
+    # Both tasks ran at once with one GPU each: Slurm gave them different devices.
+    assert sorted(w["gpu"] for w in workers) == ["0", "1"]
+    again = project.run("submit")
+    assert "nothing to submit" in again.stdout and len(query(project, "SELECT * FROM submissions")) == 1
+
+
+def test_scancelled_and_killed_array_tasks_give_rows_back_and_resubmit_finishes_the_rest(
+        local_slurm: LocalSlurm, make_project, tmp_path: Path) -> None:
+    project = slurm_project(make_project, tmp_path, task_s=3)
+    job = submit(project)
+
+    def both_busy() -> dict[str, sqlite3.Row] | None:
+        rows = query(project, "SELECT t.id, t.worker_id, w.pid, w.slurm_array_task_id AS idx FROM tasks AS t "
+                              "JOIN workers AS w ON w.id = t.worker_id WHERE t.status = 'running'")
+        return {row["idx"]: row for row in rows} if len(rows) == 2 and counts(project)["done"] >= 1 else None
+
+    busy = wait_for("one row done and both workers mid-task", both_busy, 120, every=0.2)
+
+    # scancel of array task 0: Slurm TERMs it, its worker puts the row back without spending the attempt.
+    t0 = time.monotonic()
+    assert local_slurm.command("scancel", f"{job}_0").returncode == 0
+    row0 = busy["0"]["id"]
+    outcome0 = wait_for("task 0's attempt to end", lambda: query(
+        project, "SELECT outcome FROM attempts WHERE task_id = ? AND worker_id = ? AND outcome IS NOT NULL",
+        row0, busy["0"]["worker_id"]), 30)
+    assert outcome0[0]["outcome"] in ("released", "reaped") and time.monotonic() - t0 < GRACE_S / 4
+
+    # Array task 1's worker dies without a word (as on OOM or a segfault): the batch script exits,
+    # Slurm forgets the task, and the Slurm-aware reaper (`hparray reap`) puts the row back at once.
+    os.kill(busy["1"]["pid"], signal.SIGKILL)
+    t1 = time.monotonic()
+    held = query(project, "SELECT task_id FROM attempts WHERE worker_id = ? AND outcome IS NULL", busy["1"]["worker_id"])
+    assert len(held) == 1, "the killed worker should have died mid-task (3 s tasks)"
+    row1 = held[0]["task_id"]
+    wait_for("task 1 to leave Slurm", lambda: job_ended(local_slurm, job), 60)
+
+    def reaped() -> list[sqlite3.Row]:
+        assert project.run("reap").returncode == 0
+        return query(project, "SELECT outcome, error FROM attempts WHERE task_id = ? AND worker_id = ? "
+                              "AND outcome = 'reaped'", row1, busy["1"]["worker_id"])
+
+    attempt = wait_for("the killed worker's row to be reaped", reaped, 60, every=1)
+    assert "is gone" in attempt[0]["error"] and time.monotonic() - t1 < GRACE_S / 2
+    assert counts(project)["running"] == 0
+
+    done_before = {row["id"]: (row["attempt_id"], row["recorded_at"]) for row in query(
+        project, "SELECT task_id AS id, attempt_id, recorded_at FROM results")}
+    keys = {row["id"]: (row["kind"], row["video"]) for row in query(project, "SELECT id, kind, video FROM tasks")}
+    marks_before = marks(project)
+    assert 1 <= len(done_before) < 8
+
+    job2 = submit(project)
+    assert job2 != job
+    wait_for("every row done after resubmitting", lambda: counts(project)["done"] == 8, 150)
+    after = {row["id"]: (row["attempt_id"], row["recorded_at"]) for row in query(
+        project, "SELECT task_id AS id, attempt_id, recorded_at FROM results")}
+    assert {task: after[task] for task in done_before} == done_before  # first results kept
+    new_starts = marks(project) - marks_before
+    assert set(new_starts) == {keys[task] for task in keys if task not in done_before}  # exactly the rest
+    assert not any(new_starts[keys[task]] for task in done_before)  # nothing done ran again
+    finished_by = {row["task_id"]: row["job"] for row in query(
+        project, "SELECT r.task_id, w.slurm_array_job_id AS job FROM results AS r "
+                 "JOIN attempts AS a ON a.id = r.attempt_id JOIN workers AS w ON w.id = a.worker_id")}
+    assert {finished_by[task] for task in finished_by if task not in done_before} == {job2}
+
+
+@pytest.mark.parametrize("case", ["finish", "release"])
+def test_usr1_warning_finishes_or_releases_within_the_grace(local_slurm: LocalSlurm, make_project, tmp_path: Path,
+                                                           case: str) -> None:
+    # finish: a 4 s task fits in 0.8 x 20 s; release: a 60 s task does not.
+    task_s = 4.0 if case == "finish" else 60.0
+    project = slurm_project(make_project, tmp_path, task_s=task_s, estimate_s=task_s)
+    job = submit(project, "--workers", "1")
+    row = wait_for("the worker to be mid-task", lambda: query(
+        project, "SELECT id, claimed_at FROM tasks WHERE status = 'running' AND claimed_at < ?", time.time() - 1), 90,
+        every=0.2)[0]
+    t0 = time.monotonic()
+    sent = local_slurm.command("scancel", "--batch", "--signal=USR1", f"{job}_0")
+    assert sent.returncode == 0, sent.stderr
+    wait_for("the array task to end", lambda: job_ended(local_slurm, job), SIGNAL_GRACE_S + 15, every=0.3)
+    assert time.monotonic() - t0 < SIGNAL_GRACE_S
+
+    attempt = query(project, "SELECT outcome FROM attempts WHERE task_id = ?", row["id"])
+    task = query(project, "SELECT status, attempts FROM tasks WHERE id = ?", row["id"])[0]
+    if case == "finish":
+        assert [a["outcome"] for a in attempt] == ["done"] and task["status"] == "done"
+        assert counts(project)["done"] == 1  # and it claimed nothing after the warning
+    else:
+        assert [a["outcome"] for a in attempt] == ["released"]
+        assert (task["status"], task["attempts"]) == ("pending", 0)  # the attempt was given back
+    assert counts(project)["running"] == 0
+    out = (project.root / "logs" / "slurm" / f"hparray_{job}_0.out").read_text()
+    err = (project.root / "logs" / "slurm" / f"hparray_{job}_0.err").read_text()
+    assert "received SIGUSR1" in out and "worker exited with status 0" in out
+    assert "stopped by SIGUSR1" in err
+
+
+def test_cancel_stops_the_sweeps_jobs_and_puts_their_rows_back(local_slurm: LocalSlurm, make_project,
+                                                              tmp_path: Path) -> None:
+    project = slurm_project(make_project, tmp_path, task_s=60, estimate_s=60)
+    job = submit(project)
+    wait_for("both workers mid-task", lambda: counts(project)["running"] == 2, 90, every=0.3)
+    cancelled = project.run("cancel")
+    assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    assert f"cancelled job(s) {job}" in cancelled.stdout
+    assert counts(project)["running"] == 0 and counts(project)["pending"] == 8
+    assert [row["state"] for row in query(project, "SELECT state FROM submissions")] == ["cancelled"]
+    assert job_ended(local_slurm, job)
+    assert "no job of this sweep is queued or running" in project.run("cancel").stdout
+    dry = project.run("submit", "--dry-run")
+    assert "2 workers for 8 claimable rows" in dry.stdout
