@@ -488,8 +488,10 @@ def render_report(r: Report) -> list[object]:
 
     parts: list[object] = []
     if r.partial:
+        blocked = (f" ({r.rows['blocked']} blocked behind a failed or diverged un-fine-tuned row: retry it)"
+                   if r.rows["blocked"] else "")
         parts.append(f"[bold red]PARTIAL[/]: {r.rows['pending'] + r.rows['running']} of {r.rows['total']} rows not "
-                     "finished; configs marked partial are scored on the videos done so far")
+                     f"finished{blocked}; configs marked partial are scored on the videos done so far")
     for s in r.searches:
         title = f"search {s.name}: {s.parameter}, baseline {s.baseline_config or 'none'}"
         table = Table(title=title + (" [red](partial)[/]" if s.partial else ""), title_justify="left",

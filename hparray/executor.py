@@ -54,14 +54,19 @@ class LocalExecutor:
 
     def __init__(self, store: Store, worker_args: list[str], workers: int, *, grace_s: float,
                  log_dir: Path, progress: Callable[[], None] | None = None,
-                 max_replacements: int | None = None):
+                 max_deaths_without_progress: int | None = None):
         self.store = store
         self.worker_args = worker_args
         self.workers = workers
         self.grace_s = grace_s
         self.log_dir = log_dir
         self.progress = progress or (lambda: None)
-        self.max_replacements = max_replacements if max_replacements is not None else 3 * workers + 3
+        # A crash loop is deaths with no finished row in between; a killer (preemption, OOM of one
+        # node, chaos tests) can take many workers while the sweep still moves forward.
+        self.max_deaths_without_progress = (max_deaths_without_progress if max_deaths_without_progress is not None
+                                            else 2 * workers + 2)
+        self._deaths_without_progress = 0
+        self._finished_at_last_death = -1
         self.gpus = visible_gpus()
         self.report = ExecutorReport()
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -82,6 +87,10 @@ class LocalExecutor:
         self._slot_of[proc.pid] = slot
         self._worker_of[proc.pid] = worker_id
         self.report.started += 1
+
+    def _finished(self) -> int:
+        totals = {row.status: row.n for row in self.store.fetch("task_totals")}
+        return sum(totals.get(status, 0) for status in ("done", "diverged", "failed"))
 
     def _work_left(self) -> bool:
         totals = {row.status: row.n for row in self.store.fetch("task_totals")}
@@ -113,9 +122,15 @@ class LocalExecutor:
                     if code != 0:  # its row, if any, need not wait out the heartbeat grace
                         self.store.reap(time.time(), self.grace_s, gone_workers=[worker_id])
                     if code != 0 and not self.report.interrupted and self._work_left():
-                        if self.report.replaced >= self.max_replacements:
-                            self.report.gave_up = (f"workers died {self.report.replaced + 1} times; "
-                                                   f"see {self.log_dir}/worker-*.log")
+                        finished = self._finished()
+                        if finished == self._finished_at_last_death:
+                            self._deaths_without_progress += 1
+                        else:
+                            self._deaths_without_progress = 1
+                            self._finished_at_last_death = finished
+                        if self._deaths_without_progress > self.max_deaths_without_progress:
+                            self.report.gave_up = (f"workers died {self._deaths_without_progress} times in a row "
+                                                   f"without finishing a row; see {self.log_dir}/worker-*.log")
                             continue
                         log.warning("worker in slot %d exited with %s; replacing it", slot, code)
                         self.report.replaced += 1

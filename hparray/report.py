@@ -98,6 +98,7 @@ class TaskRow:
     inference_s: float | None
     wall_s: float | None
     artifact_dir: str | None
+    blocked: bool  # pending behind a baseline row that failed or diverged: it will not run unless retried
 
     def score(self, metric: str) -> float | None:
         """The metric if this row was scored (status done), else None."""
@@ -227,7 +228,11 @@ class Report:
 
     def progress_json(self) -> dict[str, dict[str, dict[str, Any]]]:
         """progress.json: {search: {config: {"status", metric means when completed, videos_completed
-        when in_progress}}}; un-fine-tuned inference under 'baseline_inference'."""
+        when in_progress}}}; un-fine-tuned inference under 'baseline_inference'.
+
+        completed: every row finished (done, diverged or failed); pending: none finished or
+        running; videos_completed counts finished rows, so it reaches the total exactly when the
+        config is completed (its means use the done rows only)."""
         progress: dict[str, dict[str, dict[str, Any]]] = {}
         groups = [(s.name, s.configs) for s in self.searches] + [(BASELINE_INFERENCE, self.baseline_inference)]
         for search, configs in groups:
@@ -375,6 +380,7 @@ def load_rows(store: Store) -> list[TaskRow]:
             psnr=r.psnr, ssim=r.ssim, lpips=r.lpips, trivial_psnr=r.trivial_psnr, trivial_ssim=r.trivial_ssim,
             trivial_lpips=r.trivial_lpips, finetune_s=r.finetune_s, inference_s=r.inference_s, wall_s=r.wall_s,
             artifact_dir=r.artifact_dir,
+            blocked=r.status == "pending" and r.depends_status in ("failed", "diverged"),
         ))
     rows.sort(key=lambda row: (row.search == BASELINE_INFERENCE, row.search, row.value, row.video, row.task_id))
     return rows
@@ -497,6 +503,7 @@ def compute(store: Store, now: float | None = None) -> tuple[Report, list[TaskRo
     totals = {status: sum(1 for row in tasks.values() if row.status == status)
               for status in ("pending", "running", "done", "diverged", "failed")}
     totals["total"] = len(tasks)
+    totals["blocked"] = sum(1 for row in tasks.values() if row.blocked)
     measured = [m for m in METRICS if any(row.score(m) is not None for row in rows)]
     return Report(
         generated_at=time.time() if now is None else now, database=_redact(store.url),
@@ -870,8 +877,9 @@ img.plot { max-width: 100%; } details { margin: 0.5em 0 1em; } .muted { color: #
 {{ report.rows.running }} running, {{ report.rows.pending }} pending;
 {{ "%.2f"|format(report.gpu_hours) }} GPU-hours spent.</p>
 {% if report.partial %}<p class="partial" id="partial-banner">PARTIAL RESULTS: the sweep is still running
-({{ report.rows.pending + report.rows.running }} of {{ report.rows.total }} rows not finished). Configs marked
-"partial" are scored on the videos finished so far; every number here will change.</p>{% endif %}
+({{ report.rows.pending + report.rows.running }} of {{ report.rows.total }} rows not finished{% if report.rows.blocked %},
+{{ report.rows.blocked }} of them blocked behind a failed or diverged un-fine-tuned row until it is retried{% endif %}).
+Configs marked "partial" are scored on the videos finished so far; every number here will change.</p>{% endif %}
 {% if not report.searches %}<p>No fine-tune rows yet: plan a search first.</p>{% endif %}
 
 <h2>How to read this</h2>
@@ -910,7 +918,7 @@ condition_frames) and the trivial predictor that repeats the last conditioning f
 {% else %}<td>{{ fmt(e.mean, metric) }}</td>{% endif %}
 <td>{{ fmt(e.std, metric) }}</td><td>{{ ci(e.ci_low, e.ci_high, metric) }}</td>
 {% set b = c.vs_baseline.get(metric) %}
-<td>{% if b %}{{ signed(b.mean_diff, metric) }} {{ ci(b.ci_low, b.ci_high, metric) }}{% else %}-{% endif %}</td>
+<td>{% if b %}{{ signed(b.mean_diff, metric) }} {{ ci_diff(b.ci_low, b.ci_high) }}{% else %}-{% endif %}</td>
 <td>{{ p(b.p_value) if b else '-' }}</td><td>{{ p(b.p_holm) if b else '-' }}</td>
 <td>{% if b %}{{ b.improved }}/{{ b.pairs }}{% else %}-{% endif %}</td>
 {% for kind in ('vs_no_finetune', 'vs_trivial') %}{% set x = c[kind].get(metric) %}
@@ -978,12 +986,15 @@ def render_html(report: Report, plots: dict[str, bytes], strips: dict[str, list[
     def ci(low: float | None, high: float | None, metric: str) -> str:
         return "-" if low is None or high is None else f"[{fmt_metric(low, metric)}, {fmt_metric(high, metric)}]"
 
+    def ci_diff(low: float | None, high: float | None) -> str:
+        return "-" if low is None or high is None else f"[{low:+.3g}, {high:+.3g}]"
+
     strip_views = {key: [{"video": s.video, "category": s.category, "caption": s.caption, "uri": _data_uri(s.png)}
                          for s in value] for key, value in strips.items()}
     return template.render(
         report=report, generated=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report.generated_at)),
         labels=METRIC_LABELS, higher=HIGHER_IS_BETTER, plots=uris, strips=strip_views, plot_names=plot_names,
-        fmt=fmt_metric, signed=_signed, p=fmt_p, ci=ci, confidence=CONFIDENCE, resamples=BOOTSTRAP_RESAMPLES,
+        fmt=fmt_metric, signed=_signed, p=fmt_p, ci=ci, ci_diff=ci_diff, confidence=CONFIDENCE, resamples=BOOTSTRAP_RESAMPLES,
         seed=BOOTSTRAP_SEED, alpha=ALPHA, value=_value,
         seconds=lambda s: "-" if s is None else f"{s:.1f}",
     )

@@ -72,6 +72,10 @@ def run_worker(settings: Settings, store: Store, *, max_tasks: int | None = None
     )
     log.info("worker %s starting (pid %d, gpu %s)", identity.id, identity.pid, identity.gpu)
     started = time.time()
+    # Load before the first claim: a row is never held through a slow model load, and a worker
+    # killed while loading loses no work.
+    experiment.load()
+    log.info("model loaded in %.1f s", time.time() - started)
     try:
         summary = worker.run()
     except ConfigMismatch as err:

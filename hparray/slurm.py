@@ -21,7 +21,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -436,9 +436,11 @@ def choose_backend(*, local: bool, dry_run: bool, overrides: Overrides, throttle
     given = [flag for flag, value in (("--partition", overrides.partition), ("--time", overrides.time),
                                       ("--gpus", overrides.gpus), ("--throttle", throttle),
                                       ("--sbatch-arg", overrides.sbatch_args or None)) if value is not None]
+    one = len(given) == 1
     if local:
         if given:
-            raise SlurmOptionError(f"{', '.join(given)} only apply to Slurm: drop --local to submit a job array")
+            raise SlurmOptionError(f"{', '.join(given)} only {'applies' if one else 'apply'} to Slurm: "
+                                   "drop --local to submit a job array")
         return Backend(False, "running workers on this machine (--local)")
     if shutil.which("sbatch"):
         return Backend(True, "submitting a Slurm job array (sbatch found; --local runs workers here instead)")
@@ -446,8 +448,8 @@ def choose_backend(*, local: bool, dry_run: bool, overrides: Overrides, throttle
         return Backend(True, "sbatch is not on PATH here: showing what `hparray submit` would submit on a "
                              "Slurm login node")
     if given:
-        raise SlurmOptionError(f"{', '.join(given)} need Slurm, but sbatch is not on PATH: run on a Slurm "
-                               "login node, or drop them to run workers here")
+        raise SlurmOptionError(f"{', '.join(given)} {'needs' if one else 'need'} Slurm, but sbatch is not on "
+                               f"PATH: run on a Slurm login node, or drop {'it' if one else 'them'} to run workers here")
     return Backend(False, "sbatch is not on PATH: running workers on this machine (as with --local)")
 
 
@@ -554,11 +556,13 @@ def submit(settings: Settings, store: Store, *, worker_command: list[str], worke
         result = _command(array.command, env=env)
         if result.returncode != 0:
             done = f" (already submitted: {', '.join(submission.job_ids)})" if submission.job_ids else ""
-            raise SlurmError(f"sbatch failed: {_last_line(result.stderr or result.stdout)}{done}: check the "
-                             "partition, account, time and GPU request (`hparray submit --dry-run` shows them)")
+            why = _last_line(result.stderr or result.stdout)
+            fix = ("Slurm does not answer here: check `scontrol ping`, or run workers on this machine with --local"
+                   if re.search(r"configuration source|contact slurm controller", why, re.I) else
+                   "check the partition, account, time and GPU request (`hparray submit --dry-run` shows them)")
+            raise SlurmError(f"sbatch failed: {why}{done}: {fix}")
         job_id = parse_sbatch(result.stdout)
-        submission.arrays[i] = ArraySpec(size=array.size, throttle=array.throttle, script=array.script,
-                                         script_path=array.script_path, command=array.command, job_id=job_id)
+        submission.arrays[i] = replace(array, job_id=job_id)
         store.record_submission(job_id, array.size, array.throttle, shlex.join(array.command), array.script, now)
     return submission
 
@@ -589,13 +593,17 @@ def cancel(store: Store, grace_s: float, *, wait_s: float = 60.0) -> Cancellatio
         raise SlurmError(f"scancel failed: {_last_line(result.stderr or result.stdout)}: "
                          f"cancel by hand with `scancel {' '.join(live)}`")
     deadline, pause = time.monotonic() + wait_s, 0.5
-    still: list[str] = live
-    while still and time.monotonic() < deadline:
+    while True:
+        still = sorted({task.key for task in query_jobs(live).values() if task.alive})
+        if not still or time.monotonic() >= deadline:
+            break
         time.sleep(pause)
         pause = min(pause * 1.5, 5.0)  # squeue is not for tight loops
-        still = sorted({task.key for task in query_jobs(live).values() if task.alive})
+    # Workers still running past the wait keep their rows: Slurm kills them after its KillWait,
+    # and the next `status` or `reap` finds them gone.
     gone = [worker.id for worker in store.fetch("slurm_live_workers")
-            if (worker.slurm_array_job_id or worker.slurm_job_id) in live]
+            if (worker.slurm_array_job_id or worker.slurm_job_id) in live
+            and worker_key(worker.slurm_array_job_id, worker.slurm_array_task_id, worker.slurm_job_id) not in still]
     report = store.reap(time.time(), grace_s, gone_workers=gone)
     for job_id in live:
         _mark_cancelled(store, job_id)

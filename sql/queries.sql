@@ -182,9 +182,11 @@ SELECT search, config_hash, name, parameter, value, is_baseline FROM search_conf
 SELECT status, COUNT(*) AS n FROM tasks GROUP BY status;
 
 -- name: blocked_tasks
--- Pending rows whose dependency failed for good: they can never run until it is retried.
+-- Pending rows whose dependency ended without a result (failed for good, or diverged): claim needs
+-- it 'done', so they can never run until it is retried. Counting only 'failed' left the rows of a
+-- diverged baseline neither claimable, waiting nor blocked, and `submit --local` respawned workers forever.
 SELECT COUNT(*) FROM tasks AS t JOIN tasks AS d ON d.id = t.depends_on
- WHERE t.status = 'pending' AND d.status = 'failed';
+ WHERE t.status = 'pending' AND d.status IN ('failed', 'diverged');
 
 -- name: live_workers
 SELECT w.id, w.host, w.pid, w.gpu, w.slurm_job_id, w.slurm_array_job_id, w.slurm_array_task_id,
@@ -224,12 +226,14 @@ SELECT t.id AS task_id, t.kind, t.status, t.video, t.config_hash,
        v.category, v.path AS video_path,
        sc.search, sc.name, sc.parameter, sc.value, sc.is_baseline,
        r.psnr, r.ssim, r.lpips, r.trivial_psnr, r.trivial_ssim, r.trivial_lpips,
-       r.finetune_s, r.inference_s, r.wall_s, r.artifact_dir
+       r.finetune_s, r.inference_s, r.wall_s, r.artifact_dir,
+       d.status AS depends_status
   FROM tasks AS t
   JOIN configs AS c ON c.hash = t.config_hash
   JOIN videos AS v ON v.name = t.video
   LEFT JOIN search_configs AS sc ON sc.config_hash = t.config_hash
   LEFT JOIN results AS r ON r.task_id = t.id
+  LEFT JOIN tasks AS d ON d.id = t.depends_on
  ORDER BY sc.search, sc.value, t.video, t.id;
 
 -- ---------------------------------------------------------------- slurm

@@ -9,6 +9,7 @@ start, with deadlines instead of fixed sleeps: the CI machine has two loaded cor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -193,6 +194,16 @@ def running_row_of(store: Store, pid: int) -> Any:
     return found[0] if found else None
 
 
+def fresh_mark_pid(marks: Path, within_s: float = 0.5) -> int | None:
+    """The pid of a worker whose task started less than `within_s` ago (from the runner's marks)."""
+    now = time.time_ns()
+    for name in os.listdir(marks):
+        pid, started_ns = name.rsplit("-", 2)[1:]
+        if now - int(started_ns) < within_s * 1e9:
+            return int(pid)
+    return None
+
+
 def one_video_project(make_project: Callable[..., Project]) -> Project:
     """One video, one lr: a baseline row, and a fine-tune row that waits for it."""
     return make_project(categories=("pan",), per_category=1, lr_values=[1e-5], **{"data.num_videos": 1})
@@ -285,21 +296,23 @@ def test_the_local_executor_replaces_a_worker_killed_mid_task(
     marks.mkdir()
     group = workers(project)
     submit = group.start("submit", "--local", "--workers", "2",
-                         env={"HPARRAY_TEST_TASK_S": "2", "HPARRAY_TEST_MARK_DIR": str(marks)})
-
-    def busy_worker() -> Any:
-        found = rows(store, "SELECT t.id, t.lease, w.pid, w.id AS worker FROM tasks AS t "
-                            "JOIN workers AS w ON w.id = t.worker_id WHERE t.status = 'running'")
-        return found[0] if found else None
-
-    victim = wait_for("a worker running a row", busy_worker, 240, 0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    assert submit.wait(timeout=400) == 0, group.output()[-4000:]
+                         env={"HPARRAY_TEST_TASK_S": "3", "HPARRAY_TEST_MARK_DIR": str(marks)})
+    try:
+        # The victim is a worker whose task started a moment ago (its mark is fresh), so it dies mid-task
+        # even when this process is starved for a second between looking and killing.
+        pid = wait_for("a worker starting a task", lambda: fresh_mark_pid(marks), 240, 0.05)
+        os.kill(pid, signal.SIGKILL)
+        assert submit.wait(timeout=400) == 0, group.output()[-4000:]
+    finally:
+        for row in rows(store, "SELECT pid FROM workers WHERE state = 'running'"):  # a failed run's leftovers
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(row.pid, signal.SIGKILL)
 
     output = group.output()
     assert re.search(r"\(1 workers replaced\)", output), output[-3000:]
-    killed = rows(store, "SELECT outcome FROM attempts WHERE lease = :l", l=victim.lease)
-    assert [r.outcome for r in killed] == ["reaped"], "the worker was not killed mid-task"
+    killed = rows(store, "SELECT a.outcome FROM attempts AS a JOIN workers AS w ON w.id = a.worker_id "
+                         "WHERE w.pid = :pid ORDER BY a.id", pid=pid)
+    assert [r.outcome for r in killed][-1:] == ["reaped"], f"the worker was not killed mid-task: {killed}"
     assert_each_row_done_exactly_once(store, marks, expected_tasks=8, extra_starts=1)
     logs = list((project.root / "results" / "logs").glob("worker-*.log"))
     assert logs and not any("database is locked" in log.read_text() for log in logs)

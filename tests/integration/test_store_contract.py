@@ -208,6 +208,17 @@ def test_baselines_are_claimed_first_and_a_finetune_row_waits_for_its_baseline(
     assert [r.status for r in blocked] == ["pending"] * 3
 
 
+def test_a_diverged_baseline_blocks_its_finetune_rows_instead_of_leaving_them_waiting(
+        store: Store, one_video: Plan, worker: str) -> None:
+    apply(store, one_video)
+    baseline = store.claim(worker, T0)
+    assert baseline is not None and baseline.kind == "baseline"
+    assert store.finish(baseline, TaskOutcome(status="diverged"), T0 + 1)
+    assert store.claim(worker, T0 + 2) is None  # the fine-tune row needs a 'done' baseline
+    # Neither waiting (nothing will ever make it claimable) nor lost: blocked, so executors stop.
+    assert (store.waiting_work(), store.scalar("blocked_tasks")) == (0, 1)
+
+
 # ---------------------------------------------------------------- leases and fencing
 
 

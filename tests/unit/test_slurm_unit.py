@@ -182,9 +182,9 @@ def test_choose_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
     assert not slurm.choose_backend(local=False, dry_run=False, overrides=none, throttle=None).slurm
     assert slurm.choose_backend(local=False, dry_run=True, overrides=none, throttle=None).slurm
-    with pytest.raises(BadInput, match="need Slurm, but sbatch is not on PATH"):
+    with pytest.raises(BadInput, match="--partition needs Slurm, but sbatch is not on PATH"):
         slurm.choose_backend(local=False, dry_run=False, overrides=slurm.Overrides(partition="gpu"), throttle=None)
-    with pytest.raises(BadInput, match="--throttle only apply to Slurm"):
+    with pytest.raises(BadInput, match="--throttle only applies to Slurm"):
         slurm.choose_backend(local=True, dry_run=False, overrides=none, throttle=2)
     _path_with(tmp_path, monkeypatch, {"sbatch": "exit 1\n"})
     assert slurm.choose_backend(local=False, dry_run=False, overrides=none, throttle=None).slurm

@@ -1,0 +1,383 @@
+"""Claim throughput and fairness: N worker processes, started together, claim -> finish no-op
+tasks until the table is empty.
+
+Rows, measured in one run so they can be compared:
+  hparray sqlite wal       hparray's Store, SQLite in WAL mode (its default on a local disk)
+  hparray sqlite rollback  the same with HPARRAY_SQLITE_JOURNAL=delete (its mode on NFS/Lustre/GPFS)
+  hparray postgresql       the same Store on a throw-away PostgreSQL server (tests/pg.py)
+  raw sqlite3 rollback     the floor: a bare sqlite3 loop, one persistent connection per process,
+                           BEGIN IMMEDIATE; <the same claim statement> RETURNING; COMMIT, then a
+                           one-statement finish; same schema, index, journal and synchronous=NORMAL
+  optuna sqlite            Optuna's RDBStorage on SQLite: enqueue_trial per task, then ask()/tell()
+
+A "double claim" is a task handed out more than once (for Optuna: an enqueued trial handed to
+more than one ask()). "Longest wait" is the longest single claim()/ask() call, the time one
+worker sat waiting for work; "workers with work" counts workers that got at least one task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sqlite3
+import tempfile
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import console, load_line, machine, percentile, table, write_json
+from hparray.store import QUERIES, Store
+from hparray.tasks import TaskOutcome, TaskSpec
+
+JOIN_TIMEOUT_S = 600.0
+ALL_BACKENDS = ("hparray-wal", "hparray-rollback", "hparray-pg", "raw-rollback", "optuna")
+LABELS = {
+    "hparray-wal": "hparray sqlite wal",
+    "hparray-rollback": "hparray sqlite rollback",
+    "hparray-pg": "hparray postgresql",
+    "raw-rollback": "raw sqlite3 rollback",
+    "optuna": "optuna sqlite (RDBStorage)",
+}
+# The floor's finish: the one write a completion needs (hparray's also records result and attempt rows).
+RAW_FINISH = ("UPDATE tasks SET status = 'done', lease = NULL, finished_at = :now "
+              "WHERE id = :task_id AND lease = :lease AND status = 'running'")
+
+
+@dataclass
+class WorkerLog:
+    """What one worker process saw: its claim latencies, the tasks it got, and when it stopped."""
+
+    index: int
+    latencies_s: list[float] = field(default_factory=list)
+    tasks: list[int] = field(default_factory=list)
+    lost_finishes: int = 0
+    end: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class Row:
+    backend: str
+    procs: int
+    tasks: int
+    done: int
+    wall_s: float
+    tasks_per_s: float
+    p50_ms: float
+    p99_ms: float
+    longest_wait_s: float
+    workers_with_work: int
+    double_claims: int
+    errors: list[str]
+
+
+# ---------------------------------------------------------------- databases
+
+
+def hparray_plan(n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[TaskSpec]]:
+    """One config and n videos: n independent no-op rows (no dependencies)."""
+    configs = [{"hash": "bench", "kind": "finetune", "lr": 1e-5, "condition_frames": 5, "finetune_steps": 1,
+                "params": "{}"}]
+    videos = [{"name": f"v{i:05d}", "path": f"/bench/v{i:05d}.npy", "category": "bench", "caption": None,
+               "seed": i} for i in range(n)]
+    tasks = [TaskSpec(config_hash="bench", video=v["name"], kind="finetune", priority=1, estimate_s=1.0)
+             for v in videos]
+    return configs, videos, tasks
+
+
+def make_hparray_db(url: str, n: int) -> None:
+    store = Store.open(url)
+    try:
+        configs, videos, tasks = hparray_plan(n)
+        store.apply_plan(configs, [], videos, tasks, max_attempts=3, now=time.time())
+    finally:
+        store.close()
+
+
+def count_done(url: str) -> int:
+    store = Store.open(url, create=False)
+    try:
+        return sum(row.n for row in store.fetch("task_totals") if row.status == "done")
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- workers (run in forked children)
+
+
+def hparray_worker(url: str, barrier: Any, log: WorkerLog) -> None:
+    store = Store.open(url, create=False)
+    worker_id = f"bench-{log.index}"
+    barrier.wait()
+    outcome = TaskOutcome(status="done")
+    while True:
+        started = time.monotonic()
+        task = store.claim(worker_id, time.time())
+        log.latencies_s.append(time.monotonic() - started)
+        if task is None:
+            break
+        log.tasks.append(task.id)
+        if not store.finish(task, outcome, time.time()):
+            log.lost_finishes += 1
+    log.end = time.monotonic()
+    store.close()
+
+
+def raw_worker(path: str, barrier: Any, log: WorkerLog) -> None:
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 60000")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    claim = QUERIES["claim.sqlite"]
+    worker_id = f"raw-{log.index}"
+    barrier.wait()
+    while True:
+        lease = os.urandom(16).hex()
+        started = time.monotonic()
+        conn.execute("BEGIN IMMEDIATE")
+        rows = conn.execute(claim, {"lease": lease, "worker_id": worker_id, "now": time.time()}).fetchall()
+        conn.execute("COMMIT")
+        log.latencies_s.append(time.monotonic() - started)
+        if not rows:
+            break
+        log.tasks.append(rows[0][0])
+        conn.execute("BEGIN IMMEDIATE")
+        changed = conn.execute(RAW_FINISH, {"task_id": rows[0][0], "lease": lease, "now": time.time()}).rowcount
+        conn.execute("COMMIT")
+        log.lost_finishes += changed != 1
+    log.end = time.monotonic()
+    conn.close()
+
+
+def optuna_worker(url: str, barrier: Any, log: WorkerLog, n: int) -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="bench", storage=optuna.storages.RDBStorage(url))
+    barrier.wait()
+    while True:
+        started = time.monotonic()
+        trial = study.ask()
+        log.latencies_s.append(time.monotonic() - started)
+        if trial.number >= n:  # not an enqueued trial: the queue is empty, so Optuna sampled a new one
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            break
+        log.tasks.append(trial.suggest_int("task", 0, n - 1))  # the enqueued (fixed) value
+        try:
+            study.tell(trial, 0.0)
+        except Exception:  # another worker finished the same trial first
+            log.lost_finishes += 1
+    log.end = time.monotonic()
+
+
+def _child(target: Callable[..., None], args: tuple[Any, ...], env: dict[str, str], log: WorkerLog,
+           barrier: Any, out: Path) -> None:
+    os.environ.update(env)
+    try:
+        target(*args[:1], barrier, log, *args[1:])
+    except BaseException:
+        log.error = traceback.format_exc(limit=4)
+        barrier.abort()  # do not leave the others waiting for a worker that will never arrive
+    out.write_text(json.dumps(asdict(log)))
+
+
+def run_processes(target: Callable[..., None], args: tuple[Any, ...], procs: int, env: dict[str, str],
+                  tmp: Path) -> tuple[float, list[WorkerLog]]:
+    """Fork `procs` workers, release them together, return (seconds to the last one's end, logs)."""
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(procs + 1)
+    outs = [tmp / f"worker-{i}.json" for i in range(procs)]
+    children = [ctx.Process(target=_child, args=(target, args, env, WorkerLog(i), barrier, outs[i]))
+                for i in range(procs)]
+    for child in children:
+        child.start()
+    try:
+        barrier.wait(timeout=120)
+    except Exception:
+        pass  # a worker failed to start: its log says why
+    started = time.monotonic()
+    deadline = started + JOIN_TIMEOUT_S
+    for child in children:
+        child.join(timeout=max(1.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()
+    logs = []
+    for i, out in enumerate(outs):
+        if out.exists():
+            logs.append(WorkerLog(**json.loads(out.read_text())))
+        else:
+            logs.append(WorkerLog(i, error=f"worker {i} exited with {children[i].exitcode} and no log"))
+    end = max((log.end for log in logs if log.end), default=time.monotonic())
+    return end - started, logs
+
+
+def summarize(backend: str, procs: int, n: int, done: int, wall_s: float, logs: list[WorkerLog]) -> Row:
+    latencies = [x for log in logs for x in log.latencies_s]
+    counts = Counter(task for log in logs for task in log.tasks)
+    handed_out = sum(len(log.tasks) for log in logs)
+    return Row(
+        backend=LABELS[backend], procs=procs, tasks=n, done=done, wall_s=round(wall_s, 3),
+        tasks_per_s=round(handed_out / wall_s, 1) if wall_s > 0 else 0.0,
+        p50_ms=round(percentile(latencies, 50) * 1e3, 2), p99_ms=round(percentile(latencies, 99) * 1e3, 2),
+        longest_wait_s=round(max(latencies, default=0.0), 3),
+        workers_with_work=sum(1 for log in logs if log.tasks),
+        double_claims=sum(1 for c in counts.values() if c > 1) + sum(log.lost_finishes for log in logs),
+        errors=[log.error.strip().splitlines()[-1] for log in logs if log.error][:3],
+    )
+
+
+# ---------------------------------------------------------------- one configuration
+
+
+def measure(backend: str, procs: int, n: int, n_optuna: int, pg: Any, tmp: Path) -> Row:
+    work = Path(tempfile.mkdtemp(prefix=f"{backend}-{procs}-", dir=tmp))
+    env: dict[str, str] = {}
+    if backend in ("hparray-wal", "hparray-rollback", "raw-rollback"):
+        journal = "wal" if backend == "hparray-wal" else "delete"
+        env["HPARRAY_SQLITE_JOURNAL"] = journal
+        os.environ["HPARRAY_SQLITE_JOURNAL"] = journal
+        url = f"sqlite:///{work / 'bench.db'}"
+        make_hparray_db(url, n)
+        os.environ.pop("HPARRAY_SQLITE_JOURNAL")
+        if backend == "raw-rollback":
+            wall, logs = run_processes(raw_worker, (str(work / "bench.db"),), procs, env, work)
+            conn = sqlite3.connect(work / "bench.db")
+            done = conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'done'").fetchone()[0]
+            conn.close()
+        else:
+            wall, logs = run_processes(hparray_worker, (url,), procs, env, work)
+            os.environ.update(env)
+            done = count_done(url)
+            os.environ.pop("HPARRAY_SQLITE_JOURNAL")
+        return summarize(backend, procs, n, done, wall, logs)
+    if backend == "hparray-pg":
+        url = pg.database()
+        try:
+            make_hparray_db(url, n)
+            wall, logs = run_processes(hparray_worker, (url,), procs, env, work)
+            done = count_done(url)
+        finally:
+            pg.drop(url)
+        return summarize(backend, procs, n, done, wall, logs)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{work / 'optuna.db'}"
+    study = optuna.create_study(study_name="bench", storage=optuna.storages.RDBStorage(url))
+    for i in range(n_optuna):
+        study.enqueue_trial({"task": i})
+    wall, logs = run_processes(optuna_worker, (url, n_optuna), procs, env, work)
+    done = sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state == optuna.trial.TrialState.COMPLETE and t.number < n_optuna)
+    return summarize(backend, procs, n_optuna, done, wall, logs)
+
+
+def start_postgres() -> tuple[Any, str]:
+    """The tests' throw-away server (tests/pg.py); (None, why) where there is none."""
+    try:
+        from tests.pg import PostgresServer, PostgresUnavailable
+    except ImportError as err:
+        return None, f"tests/pg.py not importable: {err}"
+    try:
+        return PostgresServer.start(), ""
+    except PostgresUnavailable as why:
+        return None, str(why)
+
+
+# ---------------------------------------------------------------- acceptance
+
+
+def acceptance(rows: list[Row]) -> list[dict[str, Any]]:
+    """The checks docs/benchmarks.md reports, from the rows of this one run."""
+    def get(backend: str, procs: int) -> Row | None:
+        return next((r for r in rows if r.backend == LABELS[backend] and r.procs == procs), None)
+
+    checks: list[dict[str, Any]] = []
+    rollback, raw, opt = get("hparray-rollback", 32), get("raw-rollback", 32), get("optuna", 32)
+    if rollback and raw:
+        ratio = rollback.tasks_per_s / raw.tasks_per_s if raw.tasks_per_s else 0.0
+        checks.append({"check": "32 procs: hparray rollback >= 0.5x raw sqlite3 rollback",
+                       "value": f"{ratio:.2f}x ({rollback.tasks_per_s} vs {raw.tasks_per_s} tasks/s)",
+                       "pass": ratio >= 0.5})
+    if rollback and opt:
+        ratio = rollback.tasks_per_s / opt.tasks_per_s if opt.tasks_per_s else float("inf")
+        checks.append({"check": "32 procs: hparray rollback >= 5x Optuna",
+                       "value": f"{ratio:.1f}x ({rollback.tasks_per_s} vs {opt.tasks_per_s} tasks/s)",
+                       "pass": ratio >= 5})
+    ours = [r for r in rows if r.backend.startswith("hparray")]
+    if ours:
+        doubles = sum(r.double_claims for r in ours) + sum(r.tasks - r.done for r in ours)
+        checks.append({"check": "hparray rows: 0 double claims, every task done once",
+                       "value": f"{doubles} doubles/missing over {len(ours)} rows", "pass": doubles == 0})
+    starved = [r for r in ours if r.procs in (32, 64)]
+    if starved:
+        worst = min(starved, key=lambda r: r.workers_with_work / r.procs)
+        checks.append({"check": "hparray rows: every worker gets work at 32 and 64 procs",
+                       "value": f"worst {worst.workers_with_work}/{worst.procs} ({worst.backend})",
+                       "pass": all(r.workers_with_work == r.procs for r in starved)})
+    at64 = [r for r in ours if r.procs == 64]
+    if at64:
+        worst = max(at64, key=lambda r: r.longest_wait_s)
+        checks.append({"check": "hparray rows: longest claim wait at 64 procs < 2 s",
+                       "value": f"{worst.longest_wait_s:.3f} s ({worst.backend})",
+                       "pass": worst.longest_wait_s < 2.0})
+    return checks
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--procs", default="1,8,32,64", help="comma-separated worker process counts")
+    parser.add_argument("--tasks", type=int, default=2000, help="no-op tasks per hparray/raw run")
+    parser.add_argument("--optuna-tasks", type=int, default=300, help="enqueued trials per Optuna run")
+    parser.add_argument("--backends", default=",".join(ALL_BACKENDS), help=f"subset of {','.join(ALL_BACKENDS)}")
+    parser.add_argument("--out", default="claims", help="bench/out/<name>.json")
+    args = parser.parse_args(argv)
+    procs_list = [int(p) for p in args.procs.split(",")]
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = set(backends) - set(ALL_BACKENDS)
+    if unknown:
+        parser.error(f"unknown backends {sorted(unknown)}: choose from {', '.join(ALL_BACKENDS)}")
+
+    info = machine()
+    pg, pg_why = start_postgres() if "hparray-pg" in backends else (None, "")
+    if pg is None and "hparray-pg" in backends:
+        console.print(f"[yellow]PostgreSQL skipped: {pg_why}[/]")
+        backends.remove("hparray-pg")
+    rows: list[Row] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="hparray-bench-") as tmp:
+            # Interleave backends within each process count, so load drift hits every row alike.
+            for procs in procs_list:
+                for backend in backends:
+                    row = measure(backend, procs, args.tasks, args.optuna_tasks, pg, Path(tmp))
+                    rows.append(row)
+                    console.print(f"  {row.backend:28s} {procs:3d} procs: {row.tasks_per_s:8.1f} tasks/s, "
+                                  f"longest wait {row.longest_wait_s:.3f} s, {row.workers_with_work}/{procs} "
+                                  f"with work{'  ERRORS: ' + '; '.join(row.errors) if row.errors else ''}")
+    finally:
+        if pg is not None:
+            pg.stop()
+
+    checks = acceptance(rows)
+    console.print(table(
+        "Claim throughput: no-op tasks, claim -> finish, N processes started together",
+        ["backend", "procs", "tasks", "tasks/s", "p50 claim ms", "p99 claim ms", "longest wait s",
+         "workers with work", "double claims"],
+        [[r.backend, r.procs, r.tasks, f"{r.tasks_per_s:,.1f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
+          f"{r.longest_wait_s:.3f}", f"{r.workers_with_work}/{r.procs}", r.double_claims] for r in rows],
+        caption=load_line(info)))
+    console.print(table("Acceptance (this run)", ["check", "value", "result"],
+                        [[c["check"], c["value"], "PASS" if c["pass"] else "FAIL"] for c in checks]))
+    path = write_json(args.out, info, [asdict(r) for r in rows], acceptance=checks,
+                      settings={"tasks": args.tasks, "optuna_tasks": args.optuna_tasks, "procs": procs_list})
+    console.print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""What every benchmark shares: the machine it ran on, percentiles, the table and the JSON file.
+
+Benchmarks on a shared 2-core machine are only comparable within one run, so every result
+file records the load average before and after, and tables show ratios next to raw numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+OUT_DIR = REPO / "bench" / "out"
+
+console = Console(width=None if os.isatty(1) else 150)
+
+
+def load_average() -> tuple[float, float, float]:
+    """1, 5 and 15-minute load averages: on 2 shared cores these say how much the numbers can be trusted."""
+    return os.getloadavg()
+
+
+def machine() -> dict[str, Any]:
+    """Where and when a run happened."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "platform": platform.platform(),
+        "load_before": load_average(),
+    }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(round(q / 100.0 * len(ordered) + 0.5))))
+    return float(ordered[rank - 1])
+
+
+def write_json(name: str, info: dict[str, Any], rows: list[dict[str, Any]], **extra: Any) -> Path:
+    """bench/out/<name>.json: the machine, the load before/after and every row measured."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    info = {**info, "load_after": load_average()}
+    path = OUT_DIR / f"{name}.json"
+    path.write_text(json.dumps({"machine": info, "rows": rows, **extra}, indent=2, default=str) + "\n")
+    return path
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None) -> Table:
+    """A rich table with the first column left-aligned and numbers right-aligned."""
+    out = Table(title=title, caption=caption, caption_justify="left")
+    for i, column in enumerate(columns):
+        out.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        out.add_row(*(str(cell) for cell in row))
+    return out
+
+
+def load_line(info: dict[str, Any]) -> str:
+    before = info["load_before"]
+    return f"{info['date']} on {info['cpus']} cores, load average before {before[0]:.2f} / {before[1]:.2f} (1/5 min)"
