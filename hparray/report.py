@@ -994,7 +994,8 @@ def render_html(report: Report, plots: dict[str, bytes], strips: dict[str, list[
     return template.render(
         report=report, generated=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report.generated_at)),
         labels=METRIC_LABELS, higher=HIGHER_IS_BETTER, plots=uris, strips=strip_views, plot_names=plot_names,
-        fmt=fmt_metric, signed=_signed, p=fmt_p, ci=ci, ci_diff=ci_diff, confidence=CONFIDENCE, resamples=BOOTSTRAP_RESAMPLES,
+        fmt=fmt_metric, signed=_signed, p=fmt_p, ci=ci, ci_diff=ci_diff, confidence=CONFIDENCE,
+        resamples=BOOTSTRAP_RESAMPLES,
         seed=BOOTSTRAP_SEED, alpha=ALPHA, value=_value,
         seconds=lambda s: "-" if s is None else f"{s:.1f}",
     )

@@ -16,6 +16,4 @@ hp plan --search lr --dry-run
 hp plan --search lr
 hp submit --local --workers 2
 hp status
-if .venv/bin/hparray report --help >/dev/null 2>&1; then
-  hp report
-fi
+hp report

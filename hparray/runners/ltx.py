@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 TINY_SEED = 0
 """Seed of the built-in tiny model's random initialisation: the same weights on every node."""
 
+TINY_LATENT_CHANNELS = 16
+
+DEMO_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo-ltx"
+"""The trained built-in model shipped inside the package (see hparray.demo_model)."""
+
+MANIFEST = "manifest.json"
+
 _FINETUNE_SEED_OFFSET = 1
 """Keeps the fine-tuning noise stream distinct from the sampling noise of the same seed."""
 
@@ -41,37 +48,42 @@ _LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _tiny_modules() -> tuple[Any, Any]:
-    """The tiny transformer and VAE: diffusers' own test sizes, LTX's real 32x/8x compression."""
+def tiny_modules() -> tuple[Any, Any]:
+    """The built-in model's transformer and VAE, randomly initialised from the global RNG.
+
+    Sized so that a CPU can train it in minutes on 64x64 videos (`hparray.demo_model`) and a
+    sweep task takes seconds: the VAE compresses 8x in space and 4x in time (49 frames of
+    64x64 become 13 latent frames of 8x8x16), and the transformer is 128 wide, two layers.
+    """
     from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
 
     transformer = LTXVideoTransformer3DModel(
-        in_channels=8,
-        out_channels=8,
+        in_channels=TINY_LATENT_CHANNELS,
+        out_channels=TINY_LATENT_CHANNELS,
         patch_size=1,
         patch_size_t=1,
         num_attention_heads=4,
-        attention_head_dim=8,
-        cross_attention_dim=32,
-        num_layers=1,
+        attention_head_dim=32,
+        cross_attention_dim=128,
+        num_layers=2,
         caption_channels=32,
     )
-    scaling = (True, True, True, False)
+    scaling = (True, True)
     vae = AutoencoderKLLTXVideo(
         in_channels=3,
         out_channels=3,
-        latent_channels=8,
-        block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        latent_channels=TINY_LATENT_CHANNELS,
+        block_out_channels=(16, 32),
+        decoder_block_out_channels=(16, 32),
+        layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1),
         spatio_temporal_scaling=scaling,
         decoder_spatio_temporal_scaling=scaling,
-        decoder_inject_noise=(False,) * 5,
-        upsample_residual=(False,) * 4,
-        upsample_factor=(1,) * 4,
+        decoder_inject_noise=(False,) * 3,
+        upsample_residual=(False,) * 2,
+        upsample_factor=(1,) * 2,
         timestep_conditioning=False,
-        patch_size=4,
+        patch_size=2,
         patch_size_t=1,
         encoder_causal=True,
         decoder_causal=False,
