@@ -26,7 +26,8 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ from hparray.store import QUERIES, Store
 from hparray.tasks import TaskOutcome, TaskSpec
 
 JOIN_TIMEOUT_S = 600.0
+# Table sizes: the first row of each backend uses these; later rows are sized from the rate the
+# backend just showed, so that every row runs about --target-s on a fast or a loaded machine.
+FIRST_TASKS = {"hparray-wal": 300, "hparray-rollback": 100, "hparray-pg": 300, "raw-rollback": 100, "optuna": 30}
+TASK_LIMITS = {"optuna": (20, 400)}
+DEFAULT_LIMITS = (50, 5000)
 ALL_BACKENDS = ("hparray-wal", "hparray-rollback", "hparray-pg", "raw-rollback", "optuna")
 LABELS = {
     "hparray-wal": "hparray sqlite wal",
@@ -241,26 +247,47 @@ def summarize(backend: str, procs: int, n: int, done: int, wall_s: float, logs: 
 # ---------------------------------------------------------------- one configuration
 
 
-def measure(backend: str, procs: int, n: int, n_optuna: int, pg: Any, tmp: Path) -> Row:
+@contextmanager
+def patched_env(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set, restored afterwards."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def table_size(backend: str, fixed: int | None, previous: Row | None, target_s: float) -> int:
+    """Rows to put in the table: fixed if asked, else enough for ~target_s at the last rate seen."""
+    if fixed:
+        return fixed
+    if previous is None or previous.tasks_per_s <= 0:
+        return FIRST_TASKS[backend]
+    low, high = TASK_LIMITS.get(backend, DEFAULT_LIMITS)
+    return int(min(high, max(low, previous.tasks_per_s * target_s)))
+
+
+def measure(backend: str, procs: int, n: int, pg: Any, tmp: Path) -> Row:
     work = Path(tempfile.mkdtemp(prefix=f"{backend}-{procs}-", dir=tmp))
     env: dict[str, str] = {}
     if backend in ("hparray-wal", "hparray-rollback", "raw-rollback"):
-        journal = "wal" if backend == "hparray-wal" else "delete"
-        env["HPARRAY_SQLITE_JOURNAL"] = journal
-        os.environ["HPARRAY_SQLITE_JOURNAL"] = journal
+        # Every Store.open sets the journal mode, so the parent opens with the workers' setting too.
+        env["HPARRAY_SQLITE_JOURNAL"] = "wal" if backend == "hparray-wal" else "delete"
         url = f"sqlite:///{work / 'bench.db'}"
-        make_hparray_db(url, n)
-        os.environ.pop("HPARRAY_SQLITE_JOURNAL")
-        if backend == "raw-rollback":
-            wall, logs = run_processes(raw_worker, (str(work / "bench.db"),), procs, env, work)
-            conn = sqlite3.connect(work / "bench.db")
-            done = conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'done'").fetchone()[0]
-            conn.close()
-        else:
-            wall, logs = run_processes(hparray_worker, (url,), procs, env, work)
-            os.environ.update(env)
-            done = count_done(url)
-            os.environ.pop("HPARRAY_SQLITE_JOURNAL")
+        with patched_env(env):
+            make_hparray_db(url, n)
+            if backend == "raw-rollback":
+                wall, logs = run_processes(raw_worker, (str(work / "bench.db"),), procs, env, work)
+                with closing(sqlite3.connect(work / "bench.db")) as conn:
+                    done = conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'done'").fetchone()[0]
+            else:
+                wall, logs = run_processes(hparray_worker, (url,), procs, env, work)
+                done = count_done(url)
         return summarize(backend, procs, n, done, wall, logs)
     if backend == "hparray-pg":
         url = pg.database()
@@ -276,12 +303,12 @@ def measure(backend: str, procs: int, n: int, n_optuna: int, pg: Any, tmp: Path)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{work / 'optuna.db'}"
     study = optuna.create_study(study_name="bench", storage=optuna.storages.RDBStorage(url))
-    for i in range(n_optuna):
+    for i in range(n):
         study.enqueue_trial({"task": i})
-    wall, logs = run_processes(optuna_worker, (url, n_optuna), procs, env, work)
+    wall, logs = run_processes(optuna_worker, (url, n), procs, env, work)
     done = sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state == optuna.trial.TrialState.COMPLETE and t.number < n_optuna)
-    return summarize(backend, procs, n_optuna, done, wall, logs)
+               if t.state == optuna.trial.TrialState.COMPLETE and t.number < n)
+    return summarize(backend, procs, n, done, wall, logs)
 
 
 def start_postgres() -> tuple[Any, str]:
@@ -339,8 +366,9 @@ def acceptance(rows: list[Row]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--procs", default="1,8,32,64", help="comma-separated worker process counts")
-    parser.add_argument("--tasks", type=int, default=2000, help="no-op tasks per hparray/raw run")
-    parser.add_argument("--optuna-tasks", type=int, default=300, help="enqueued trials per Optuna run")
+    parser.add_argument("--target-s", type=float, default=5.0, help="seconds each row should run (sizes the table)")
+    parser.add_argument("--tasks", type=int, default=0, help="fixed no-op tasks per hparray/raw row (0: by --target-s)")
+    parser.add_argument("--optuna-tasks", type=int, default=0, help="fixed enqueued trials per Optuna row (0: by --target-s)")
     parser.add_argument("--backends", default=",".join(ALL_BACKENDS), help=f"subset of {','.join(ALL_BACKENDS)}")
     parser.add_argument("--out", default="claims", help="bench/out/<name>.json")
     args = parser.parse_args(argv)
@@ -361,7 +389,10 @@ def main(argv: list[str] | None = None) -> None:
             # Interleave backends within each process count, so load drift hits every row alike.
             for procs in procs_list:
                 for backend in backends:
-                    row = measure(backend, procs, args.tasks, args.optuna_tasks, pg, Path(tmp))
+                    fixed = args.optuna_tasks if backend == "optuna" else args.tasks
+                    previous = next((r for r in reversed(rows) if r.backend == LABELS[backend]), None)
+                    n = table_size(backend, fixed, previous, args.target_s)
+                    row = measure(backend, procs, n, pg, Path(tmp))
                     rows.append(row)
                     console.print(f"  {row.backend:28s} {procs:3d} procs: {row.tasks_per_s:8.1f} tasks/s, "
                                   f"longest wait {row.longest_wait_s:.3f} s, {row.workers_with_work}/{procs} "
@@ -374,14 +405,16 @@ def main(argv: list[str] | None = None) -> None:
     console.print(table(
         "Claim throughput: no-op tasks, claim -> finish, N processes started together",
         ["backend", "procs", "tasks", "tasks/s", "p50 claim ms", "p99 claim ms", "longest wait s",
-         "workers with work", "double claims"],
+         "workers with work", "double claims", "refused finishes"],
         [[r.backend, r.procs, r.tasks, f"{r.tasks_per_s:,.1f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
-          f"{r.longest_wait_s:.3f}", f"{r.workers_with_work}/{r.procs}", r.double_claims] for r in rows],
+          f"{r.longest_wait_s:.3f}", f"{r.workers_with_work}/{r.procs}", r.double_claims, r.lost_finishes]
+         for r in rows],
         caption=load_line(info)))
     console.print(table("Acceptance (this run)", ["check", "value", "result"],
                         [[c["check"], c["value"], "PASS" if c["pass"] else "FAIL"] for c in checks]))
     path = write_json(args.out, info, [asdict(r) for r in rows], acceptance=checks,
-                      settings={"tasks": args.tasks, "optuna_tasks": args.optuna_tasks, "procs": procs_list})
+                      settings={"target_s": args.target_s, "tasks": args.tasks, "optuna_tasks": args.optuna_tasks,
+                                "procs": procs_list})
     console.print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
 
 

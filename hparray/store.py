@@ -350,27 +350,11 @@ class Store:
                    now: float) -> PlanCounts:
         """Insert what is missing, in one transaction; rows already there are never touched."""
         with self._write() as conn:
-            new_configs = 0
-            for row in configs:
-                exists = conn.execute(text("SELECT 1 FROM configs WHERE hash = :hash"), row).first()
-                if not exists:
-                    conn.execute(text(
-                        "INSERT INTO configs (hash, kind, lr, condition_frames, finetune_steps, params, created_at) "
-                        "VALUES (:hash, :kind, :lr, :condition_frames, :finetune_steps, :params, :now)"
-                    ), {**row, "now": now})
-                    new_configs += 1
+            new_configs = sum(self._run(conn, "insert_config", {**row, "now": now}).rowcount for row in configs)
             for row in search_configs:
-                exists = conn.execute(text(
-                    "SELECT 1 FROM search_configs WHERE search = :search AND config_hash = :config_hash"), row).first()
-                if not exists:
-                    conn.execute(text(
-                        "INSERT INTO search_configs (search, config_hash, name, parameter, value, is_baseline) "
-                        "VALUES (:search, :config_hash, :name, :parameter, :value, :is_baseline)"), row)
+                self._run(conn, "insert_search_config", row)
             for row in videos:
-                if not conn.execute(text("SELECT 1 FROM videos WHERE name = :name"), row).first():
-                    conn.execute(text(
-                        "INSERT INTO videos (name, path, category, caption, seed) "
-                        "VALUES (:name, :path, :category, :caption, :seed)"), row)
+                self._run(conn, "insert_video", row)
             ids = self._task_ids(conn)
             new_tasks = existing = 0
             for spec in tasks:
@@ -378,24 +362,16 @@ class Store:
                 if key in ids:
                     existing += 1
                     continue
-                depends_on = ids[spec.depends_on] if spec.depends_on else None
-                insert = ("INSERT INTO tasks (config_hash, video, kind, depends_on, priority, max_attempts, "
-                          "estimate_s, created_at) VALUES (:config_hash, :video, :kind, :depends_on, :priority, "
-                          ":max_attempts, :estimate_s, :now)")
-                params = {"config_hash": spec.config_hash, "video": spec.video, "kind": spec.kind,
-                          "depends_on": depends_on, "priority": spec.priority, "max_attempts": max_attempts,
-                          "estimate_s": spec.estimate_s, "now": now}
-                if self.dialect == "sqlite":
-                    ids[key] = conn.execute(text(insert), params).lastrowid
-                else:
-                    ids[key] = conn.execute(text(insert + " RETURNING id"), params).scalar_one()
+                inserted = self._run(conn, "insert_task", {
+                    "config_hash": spec.config_hash, "video": spec.video, "kind": spec.kind,
+                    "depends_on": ids[spec.depends_on] if spec.depends_on else None, "priority": spec.priority,
+                    "max_attempts": max_attempts, "estimate_s": spec.estimate_s, "now": now})
+                ids[key] = inserted.lastrowid if self.dialect == "sqlite" else inserted.scalar_one()
                 new_tasks += 1
         return PlanCounts(new_tasks=new_tasks, existing_tasks=existing, new_configs=new_configs)
 
-    @staticmethod
-    def _task_ids(conn: Connection) -> dict[tuple[str, str], int]:
-        rows = conn.execute(text("SELECT config_hash, video, id FROM tasks"))
-        return {(row.config_hash, row.video): row.id for row in rows}
+    def _task_ids(self, conn: Connection) -> dict[tuple[str, str], int]:
+        return {(row.config_hash, row.video): row.id for row in self._run(conn, "task_ids")}
 
     def existing_task_keys(self) -> set[tuple[str, str]]:
         """(config_hash, video) of every row, for `plan --dry-run`."""
@@ -466,7 +442,7 @@ class Store:
             })
             self._run(conn, "end_attempt", {"lease": task.lease, "now": now, "outcome": outcome.status,
                                             "error": None, "traceback": None})
-            self._run(conn, "worker_task_done", {"worker_id": task_worker(conn, task), "now": now})
+            self._run(conn, "worker_task_done", {"lease": task.lease, "now": now})
         return True
 
     def fail(self, task: ClaimedTask, error: str, traceback: str, now: float) -> str | None:
@@ -576,11 +552,8 @@ class Store:
     def record_submission(self, job_id: str, array_size: int, throttle: int, command: str, script: str,
                           now: float) -> None:
         with self._write() as conn:
-            conn.execute(text(
-                "INSERT INTO submissions (job_id, array_size, throttle, submitted_at, command, script) "
-                "VALUES (:job_id, :array_size, :throttle, :now, :command, :script)"
-            ), {"job_id": job_id, "array_size": array_size, "throttle": throttle, "now": now, "command": command,
-                "script": script})
+            self._run(conn, "record_submission", {"job_id": job_id, "array_size": array_size, "throttle": throttle,
+                                                  "now": now, "command": command, "script": script})
 
     def close(self) -> None:
         self.engine.dispose()
@@ -600,11 +573,6 @@ def _refuse_inherited_connections(engine: Engine) -> None:
         if record.info.get("pid") != os.getpid():
             record.dbapi_connection = proxy.dbapi_connection = None
             raise exc.DisconnectionError(f"connection opened by process {record.info.get('pid')}, not this one")
-
-
-def task_worker(conn: Connection, task: ClaimedTask) -> str | None:
-    """The worker that holds `task`'s attempt (from its attempt row)."""
-    return conn.execute(text("SELECT worker_id FROM attempts WHERE lease = :lease"), {"lease": task.lease}).scalar()
 
 
 def _split_sql(script: str) -> list[str]:

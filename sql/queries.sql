@@ -5,6 +5,41 @@
 -- Fencing: every write on behalf of a running attempt says `lease = :lease AND status = 'running'`,
 -- so a worker that was declared dead (but was only slow) changes nothing when it comes back.
 
+-- ---------------------------------------------------------------- planning (idempotent inserts)
+
+-- name: insert_config
+INSERT INTO configs (hash, kind, lr, condition_frames, finetune_steps, params, created_at)
+VALUES (:hash, :kind, :lr, :condition_frames, :finetune_steps, :params, :now)
+ON CONFLICT (hash) DO NOTHING;
+
+-- name: insert_search_config
+INSERT INTO search_configs (search, config_hash, name, parameter, value, is_baseline)
+VALUES (:search, :config_hash, :name, :parameter, :value, :is_baseline)
+ON CONFLICT (search, config_hash) DO NOTHING;
+
+-- name: insert_video
+INSERT INTO videos (name, path, category, caption, seed)
+VALUES (:name, :path, :category, :caption, :seed)
+ON CONFLICT (name) DO NOTHING;
+
+-- name: task_ids
+SELECT config_hash, video, id FROM tasks;
+
+-- name: insert_task
+INSERT INTO tasks (config_hash, video, kind, depends_on, priority, max_attempts, estimate_s, created_at)
+VALUES (:config_hash, :video, :kind, :depends_on, :priority, :max_attempts, :estimate_s, :now);
+
+-- name: insert_task.postgresql
+INSERT INTO tasks (config_hash, video, kind, depends_on, priority, max_attempts, estimate_s, created_at)
+VALUES (:config_hash, :video, :kind, :depends_on, :priority, :max_attempts, :estimate_s, :now)
+RETURNING id;
+
+-- name: record_submission
+INSERT INTO submissions (job_id, array_size, throttle, submitted_at, command, script)
+VALUES (:job_id, :array_size, :throttle, :now, :command, :script);
+
+-- ---------------------------------------------------------------- the worker's path
+
 -- name: claim.sqlite
 -- Runs inside BEGIN IMMEDIATE, so no second writer can slip between the SELECT and the UPDATE.
 UPDATE tasks
@@ -148,7 +183,7 @@ VALUES (:worker_id, :host, :pid, :slurm_job_id, :slurm_array_job_id, :slurm_arra
 
 -- name: worker_task_done
 UPDATE workers SET tasks_done = tasks_done + 1, current_task = NULL, heartbeat_at = :now
- WHERE id = :worker_id;
+ WHERE id = (SELECT worker_id FROM attempts WHERE lease = :lease);
 
 -- name: stop_worker
 UPDATE workers SET state = :state, stopped_at = :now, current_task = NULL

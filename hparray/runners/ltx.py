@@ -8,13 +8,16 @@ gives bit-identical output whatever ran before.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import math
 import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -110,20 +113,23 @@ def load_pipeline(path: Path, dtype: torch.dtype | None = None) -> LTXConditionP
     return _ready(pipe)
 
 
-def build_tiny_pipeline(weights_dir: Path | None) -> LTXConditionPipeline:
+def build_tiny_pipeline(weights_dir: Path | None, seed: int = TINY_SEED) -> LTXConditionPipeline:
     """The built-in tiny LTX pipeline: trained weights from `weights_dir`, else seeded random ones.
 
-    Random initialisation happens under a forked RNG seeded with TINY_SEED, so the weights are
+    A `weights_dir` holding a manifest.json is checked against it before loading. Random
+    initialisation happens under a forked RNG seeded with `seed`, so the weights are
     bit-identical on every call and the caller's global RNG is left untouched.
     """
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, LTXConditionPipeline
 
     if weights_dir is not None:
+        if (weights_dir / MANIFEST).is_file():
+            verify_manifest(weights_dir)
         return load_pipeline(weights_dir)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        transformer, vae = _tiny_modules()
+        torch.manual_seed(seed)
+        transformer, vae = tiny_modules()
     return _ready(
         LTXConditionPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -133,6 +139,59 @@ def build_tiny_pipeline(weights_dir: Path | None) -> LTXConditionPipeline:
             transformer=transformer,
         )
     )
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_files(weights_dir: Path) -> list[str]:
+    """Every file of a checkpoint folder except the manifest, as sorted POSIX relative paths."""
+    return sorted(
+        path.relative_to(weights_dir).as_posix()
+        for path in weights_dir.rglob("*")
+        if path.is_file() and path.name != MANIFEST
+    )
+
+
+def verify_manifest(weights_dir: Path) -> dict[str, Any]:
+    """Check every file of `weights_dir` against the sha256s in its manifest.json.
+
+    A swapped or corrupted weights file would silently change every score of every sweep,
+    so any difference (changed, missing or unlisted file) refuses the whole folder.
+    """
+    retrain = (
+        "reinstall hparray, or retrain the weights with `python -m hparray.train_demo_model "
+        f"--out {weights_dir}`"
+    )
+    try:
+        manifest = json.loads((weights_dir / MANIFEST).read_text(encoding="utf-8"))
+        expected = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunnerError(
+            f"model weights in {weights_dir}: cannot read the sha256s in {MANIFEST} ({exc}): "
+            f"{retrain}"
+        ) from exc
+    problems: list[str] = []
+    for rel, sha in sorted(expected.items()):
+        path = weights_dir / rel
+        if not path.is_file():
+            problems.append(f"{rel} is missing")
+        elif (actual := file_sha256(path)) != sha:
+            problems.append(f"{rel} has sha256 {actual[:12]}..., the manifest says {str(sha)[:12]}...")
+    problems += [f"{rel} is not in the manifest" for rel in checkpoint_files(weights_dir)
+                 if rel not in expected]
+    if problems:
+        raise RunnerError(
+            f"model weights in {weights_dir} do not match their {MANIFEST}: "
+            f"{'; '.join(problems)}; {retrain}"
+        )
+    return manifest
 
 
 def _ready(pipe: LTXConditionPipeline) -> LTXConditionPipeline:
@@ -170,6 +229,123 @@ def generated_frame_count(num_frames: int, temporal_ratio: int) -> int:
     return math.ceil((num_frames - 1) / temporal_ratio) * temporal_ratio + 1
 
 
+def empty_prompt(transformer: Any, device: str, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-zero prompt embeddings with a full mask: the model runs with no text encoder."""
+    import torch
+
+    channels = transformer.config.caption_channels
+    embeds = torch.zeros(batch, _PROMPT_TOKENS, channels, device=device, dtype=transformer.dtype)
+    mask = torch.ones(batch, _PROMPT_TOKENS, device=device, dtype=torch.long)
+    return embeds, mask
+
+
+def sampler_sigmas(pipe: Any, steps: int) -> torch.Tensor:
+    """The noise levels (> 0) the pipeline's sampler visits with `steps` steps."""
+    from diffusers.pipelines.ltx.pipeline_ltx_condition import (
+        linear_quadratic_schedule,
+        retrieve_timesteps,
+    )
+
+    retrieve_timesteps(
+        pipe.scheduler, steps, "cpu", np.asarray(linear_quadratic_schedule(steps)) * 1000
+    )
+    sigmas = pipe.scheduler.sigmas.float().cpu()
+    return sigmas[sigmas > 0]
+
+
+def encode_latents(pipe: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Normalised latents of (B, 3, T, H, W) pixels in [-1, 1], exactly as the pipeline encodes
+    its conditions (a draw from the VAE posterior)."""
+    from diffusers.pipelines.ltx.pipeline_ltx_condition import retrieve_latents
+
+    vae = pipe.vae
+    latents = retrieve_latents(vae.encode(pixels.to(vae.device, vae.dtype)), generator)
+    return pipe._normalize_latents(latents, vae.latents_mean, vae.latents_std).float()
+
+
+def token_coords(
+    pipe: Any, batch: int, latent_frames: int, latent_h: int, latent_w: int, frame_index: int
+) -> torch.Tensor:
+    """Pixel-space (t, y, x) coordinates of latent tokens, as the pipeline computes them."""
+    device = pipe.transformer.device
+    ids = pipe._prepare_video_ids(
+        batch,
+        latent_frames,
+        latent_h,
+        latent_w,
+        patch_size=pipe.transformer_spatial_patch_size,
+        patch_size_t=pipe.transformer_temporal_patch_size,
+        device=device,
+    )
+    return pipe._scale_video_ids(
+        ids,
+        scale_factor=pipe.vae_spatial_compression_ratio,
+        scale_factor_t=pipe.vae_temporal_compression_ratio,
+        frame_index=frame_index,
+        device=device,
+    )
+
+
+def layout_tokens(
+    pipe: Any,
+    video: torch.Tensor,
+    images: Sequence[tuple[int, torch.Tensor]],
+    frame_rate: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Latents laid out as the pipeline lays out its conditions and the video it generates.
+
+    `video` is (B, C, F, h, w) latents from frame 0; `images` are single-frame conditions
+    (frame index, (B, C, 1, h, w) latents). Single-frame tokens come first, then the video,
+    frame-major. Returns (tokens (B, S, C), coordinates (B, 3, S) already divided by the frame
+    rate, number of single-frame tokens).
+    """
+    import torch
+
+    batch, _, frames, latent_h, latent_w = video.shape
+    p, pt = pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size
+    tokens, coords = [], []
+    for index, latents in images:
+        tokens.append(pipe._pack_latents(latents, p, pt))
+        coords.append(token_coords(pipe, batch, 1, latent_h, latent_w, index))
+    tokens.append(pipe._pack_latents(video, p, pt))
+    coords.append(token_coords(pipe, batch, frames, latent_h, latent_w, 0))
+    video_coords = torch.cat(coords, dim=2).float()
+    video_coords[:, 0] = video_coords[:, 0] / frame_rate
+    image_tokens = sum(t.shape[1] for t in tokens[:-1])
+    return torch.cat(tokens, dim=1), video_coords, image_tokens
+
+
+def flow_matching_loss(
+    transformer: Any,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+    is_clean: torch.Tensor,
+    coords: torch.Tensor,
+) -> torch.Tensor:
+    """The rectified-flow loss the pipeline's Euler sampler integrates, on the noisy tokens only.
+
+    clean/noise (B, S, C), sigma (B,), is_clean (B, S): clean tokens stay as they are at
+    timestep 0 (as the pipeline keeps its conditions); the others become
+    x_t = (1 - sigma) x0 + sigma noise at timestep sigma*1000, and the target is noise - x0.
+    """
+    import torch
+
+    sigma = sigma.to(clean.device).view(-1, 1, 1)
+    noisy = torch.where(is_clean[..., None], clean, (1 - sigma) * clean + sigma * noise)
+    timestep = torch.where(is_clean, 0.0, sigma[..., 0] * 1000.0)
+    embeds, mask = empty_prompt(transformer, clean.device, clean.shape[0])
+    pred = transformer(
+        hidden_states=noisy.to(transformer.dtype),
+        encoder_hidden_states=embeds,
+        timestep=timestep,
+        encoder_attention_mask=mask,
+        video_coords=coords,
+        return_dict=False,
+    )[0].float()
+    return ((pred - (noise - clean)) ** 2)[~is_clean].mean()
+
+
 def _peak_rss_mb() -> float:
     """Process RSS high-water mark (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -181,8 +357,8 @@ class LTXRunner:
     def __init__(self, runner: dict[str, Any], model: dict[str, Any], device: str) -> None:
         path = model.get("path")
         self.model_path = Path(path) if path is not None else None
-        # The tiny model (35k parameters) gains nothing from a GPU, and on the CPU its numbers
-        # are the same on every node.
+        # The tiny model (under a million parameters) gains nothing from a GPU, and on the CPU
+        # its numbers are the same on every node.
         self.device = device if self.model_path is not None else "cpu"
         self.finetune_mode = str(model.get("finetune", "full"))
         self.lora_rank = int(model.get("lora_rank", 8))
@@ -221,7 +397,13 @@ class LTXRunner:
         dtype = getattr(torch, self.dtype_name)
         try:
             if self.model_path is None:
-                pipe = build_tiny_pipeline(None)
+                if not (DEMO_WEIGHTS_DIR / MANIFEST).is_file():
+                    raise RunnerError(
+                        f"the built-in model's weights are missing from {DEMO_WEIGHTS_DIR}: "
+                        "reinstall hparray, or retrain them with "
+                        "`python -m hparray.train_demo_model`"
+                    )
+                pipe = build_tiny_pipeline(DEMO_WEIGHTS_DIR)
             elif not self.model_path.is_dir():
                 # Checked here: diffusers would take a missing path for a Hub repo id.
                 raise RunnerError(
@@ -311,7 +493,8 @@ class LTXRunner:
                 f"video {clip.ref.name}: frames have shape {frames.shape}, expected (T, H, W, 3)"
             )
         num_frames, height, width, _ = frames.shape
-        ratio = self.pipe.vae_spatial_compression_ratio
+        # The pipeline itself refuses sizes that are not multiples of 32.
+        ratio = math.lcm(32, self.pipe.vae_spatial_compression_ratio)
         if height % ratio or width % ratio:
             raise RunnerError(
                 f"video {clip.ref.name}: {height}x{width} frames, "
@@ -326,15 +509,7 @@ class LTXRunner:
         return frames
 
     def _prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All-zero prompt embeddings with a full mask: the model runs with no text encoder."""
-        import torch
-
-        channels = self.pipe.transformer.config.caption_channels
-        embeds = torch.zeros(
-            1, _PROMPT_TOKENS, channels, device=self.device, dtype=self.pipe.transformer.dtype
-        )
-        mask = torch.ones(1, _PROMPT_TOKENS, device=self.device, dtype=torch.long)
-        return embeds, mask
+        return empty_prompt(self.pipe.transformer, self.device)
 
     def _generate_task(
         self,
@@ -392,83 +567,35 @@ class LTXRunner:
         video = out[0, :num_frames].permute(0, 2, 3, 1).float().cpu().numpy()
         return np.ascontiguousarray(video, dtype=np.float32)
 
-    def _encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Normalised latents exactly as the pipeline encodes its conditions."""
-        from diffusers.pipelines.ltx.pipeline_ltx_condition import retrieve_latents
-
-        pipe = self.pipe
-        latents = retrieve_latents(
-            pipe.vae.encode(pixels.to(self.device, pipe.vae.dtype)), generator
-        )
-        return pipe._normalize_latents(latents, pipe.vae.latents_mean, pipe.vae.latents_std).float()
-
-    def _token_coords(
-        self, latent_frames: int, latent_h: int, latent_w: int, frame_index: int
-    ) -> torch.Tensor:
-        pipe = self.pipe
-        ids = pipe._prepare_video_ids(
-            1,
-            latent_frames,
-            latent_h,
-            latent_w,
-            patch_size=pipe.transformer_spatial_patch_size,
-            patch_size_t=pipe.transformer_temporal_patch_size,
-            device=self.device,
-        )
-        return pipe._scale_video_ids(
-            ids,
-            scale_factor=pipe.vae_spatial_compression_ratio,
-            scale_factor_t=pipe.vae_temporal_compression_ratio,
-            frame_index=frame_index,
-            device=self.device,
-        )
-
     def _training_tokens(
         self, frames: np.ndarray, condition_frames: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Clean latent tokens of the conditioning frames, laid out as the pipeline lays them out.
 
         Returns (tokens (1, S, C), coordinates (1, 3, S) already divided by the frame rate,
-        the number of single-frame tokens, the number of latent frames of the video prefix):
-        single-frame conditions come first, as in the pipeline, then the prefix, frame-major.
+        the number of single-frame tokens, the number of latent frames of the video prefix).
         """
         import torch
 
         pipe = self.pipe
         _, height, width, _ = frames.shape
         plan = conditioning_plan(condition_frames, pipe.vae_temporal_compression_ratio)
-        latent_h = height // pipe.vae_spatial_compression_ratio
-        latent_w = width // pipe.vae_spatial_compression_ratio
-        p, pt = pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size
-        tokens, coords = [], []
         with torch.no_grad():
-            for i in plan.leftover:
-                pixels = pipe.video_processor.preprocess(frames[i], height, width).unsqueeze(2)
-                latents = self._encode(pixels, generator)
-                tokens.append(pipe._pack_latents(latents, p, pt))
-                coords.append(self._token_coords(1, latent_h, latent_w, i))
+            images = [
+                (
+                    i,
+                    encode_latents(
+                        pipe,
+                        pipe.video_processor.preprocess(frames[i], height, width).unsqueeze(2),
+                        generator,
+                    ),
+                )
+                for i in plan.leftover
+            ]
             pixels = pipe.video_processor.preprocess_video(frames[: plan.prefix], height, width)
-            prefix = self._encode(pixels, generator)
-            tokens.append(pipe._pack_latents(prefix, p, pt))
-            coords.append(self._token_coords(prefix.shape[2], latent_h, latent_w, 0))
-        video_coords = torch.cat(coords, dim=2).float()
-        video_coords[:, 0] = video_coords[:, 0] / self.frame_rate
-        image_tokens = sum(t.shape[1] for t in tokens[:-1])
-        return torch.cat(tokens, dim=1), video_coords, image_tokens, prefix.shape[2]
-
-    def _sampler_sigmas(self) -> torch.Tensor:
-        """The noise levels the sampler visits: fine-tuning at exactly these wastes no steps."""
-        from diffusers.pipelines.ltx.pipeline_ltx_condition import (
-            linear_quadratic_schedule,
-            retrieve_timesteps,
-        )
-
-        steps = self.inference_steps
-        retrieve_timesteps(
-            self.pipe.scheduler, steps, "cpu", np.asarray(linear_quadratic_schedule(steps)) * 1000
-        )
-        sigmas = self.pipe.scheduler.sigmas.float().cpu()
-        return sigmas[sigmas > 0]
+            prefix = encode_latents(pipe, pixels, generator)
+        tokens, coords, image_tokens = layout_tokens(pipe, prefix, images, self.frame_rate)
+        return tokens, coords, image_tokens, prefix.shape[2]
 
     def _trainable(self, seed: int) -> list[torch.nn.Parameter]:
         """Parameters to optimise: the whole transformer, or a fresh seeded LoRA adapter."""
@@ -500,11 +627,11 @@ class LTXRunner:
     ) -> tuple[list[float], int | None]:
         """AdamW on the flow-matching loss the sampler integrates; returns (losses, diverged step).
 
-        Each step keeps a random number of leading latent frames clean at timestep 0 (as the
-        pipeline keeps its conditions) and noises the rest to one of the sampler's levels:
-        x_t = (1 - sigma) x0 + sigma noise, timestep sigma*1000, target noise - x0. The
-        transformer stays in eval mode (LTX has no dropout), so nothing draws from the global
-        RNG and a task is a pure function of its weights, video, hyperparameters and seed.
+        Each step keeps a random number of leading latent frames clean (`flow_matching_loss`)
+        and noises the rest to one of the sampler's levels, so no step is spent on a noise
+        level generation never visits. The transformer stays in eval mode (LTX has no dropout),
+        so nothing draws from the global RNG and a task is a pure function of its weights,
+        video, hyperparameters and seed.
         """
         import torch
 
@@ -521,8 +648,7 @@ class LTXRunner:
         # latent frame (condition_frames == 1) can only be denoised from scratch.
         fewest_clean = 1 if image_tokens or prefix_latent_frames > 1 else 0
         most_clean = prefix_latent_frames if image_tokens else prefix_latent_frames - 1
-        sigmas = self._sampler_sigmas()
-        embeds, mask = self._prompt()
+        sigmas = sampler_sigmas(self.pipe, self.inference_steps)
         transformer = self.pipe.transformer
         params = self._trainable(seed)
         optimizer = torch.optim.AdamW(params, lr=hp.lr)
@@ -533,19 +659,9 @@ class LTXRunner:
             )
             sigma = sigmas[int(torch.randint(0, len(sigmas), (1,), generator=generator))]
             noise = torch.randn(clean.shape, generator=generator).to(self.device)
-            is_clean = torch.zeros(tokens, dtype=torch.bool, device=self.device)
-            is_clean[image_tokens : image_tokens + clean_frames * per_frame] = True
-            noisy = torch.where(is_clean[None, :, None], clean, (1 - sigma) * clean + sigma * noise)
-            timestep = torch.where(is_clean, 0.0, float(sigma) * 1000.0)[None]
-            pred = transformer(
-                hidden_states=noisy.to(transformer.dtype),
-                encoder_hidden_states=embeds,
-                timestep=timestep,
-                encoder_attention_mask=mask,
-                video_coords=coords,
-                return_dict=False,
-            )[0].float()
-            loss = ((pred - (noise - clean)) ** 2)[:, ~is_clean].mean()
+            is_clean = torch.zeros(1, tokens, dtype=torch.bool, device=self.device)
+            is_clean[:, image_tokens : image_tokens + clean_frames * per_frame] = True
+            loss = flow_matching_loss(transformer, clean, noise, sigma[None], is_clean, coords)
             value = loss.detach().item()
             if not math.isfinite(value):
                 return losses, step
