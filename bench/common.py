@@ -74,3 +74,49 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], cap
 def load_line(info: dict[str, Any]) -> str:
     before = info["load_before"]
     return f"{info['date']} on {info['cpus']} cores, load average before {before[0]:.2f} / {before[1]:.2f} (1/5 min)"
+
+
+def bench_project(root: Path, base_overrides: dict[str, dict[str, Any] | Any],
+                  searches: dict[str, list[Any]] | None = None) -> Path:
+    """A project folder under `root` with the repo's configs, base.yaml overridden section by
+    section and, if given, only the named searches with the given values. Returns configs/."""
+    import yaml
+
+    config_dir = root / "configs"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    base = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
+    for key, value in base_overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    (config_dir / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    for file in sorted((REPO / "configs").glob("*_search.yaml")):
+        search = yaml.safe_load(file.read_text())
+        if searches is None:
+            (config_dir / file.name).write_text(file.read_text())
+        elif search["search"] in searches:
+            search["values"] = searches[search["search"]]
+            (config_dir / file.name).write_text(yaml.safe_dump(search, sort_keys=False))
+    return config_dir
+
+
+def tiny_model_path(scratch: Path) -> str | None:
+    """None (the built-in tiny model) when its trained weights are installed; otherwise the same
+    architecture with seeded random weights saved under `scratch`: timings do not depend on the
+    weight values, and the benchmarks should not fail on a checkout without the weights."""
+    from hparray.runners import ltx
+
+    weights = getattr(ltx, "DEMO_WEIGHTS_DIR", None)
+    manifest = getattr(ltx, "MANIFEST", "manifest.json")
+    if weights is None or (Path(weights) / manifest).is_file():
+        return None
+    target = scratch / "tiny-ltx-random"
+    if not (target / "model_index.json").is_file():
+        import logging
+
+        logging.getLogger("diffusers").setLevel(logging.ERROR)
+        ltx.build_tiny_pipeline(None).save_pretrained(str(target))
+    console.print(f"[yellow]built-in tiny model weights missing at {weights}: using the same architecture "
+                  f"with random weights ({target})[/]")
+    return str(target)

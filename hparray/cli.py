@@ -207,7 +207,8 @@ def worker(ctx: Context, max_tasks: int | None, worker_id: str | None, poll_s: f
 @click.option("--partition", default=None, help="Slurm partition (default slurm.partition).")
 @click.option("--time", "time_limit", default=None, metavar="TIME",
               help="Slurm time limit per array task, e.g. 04:00:00 (default slurm.time).")
-@click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs per array task (default slurm.gpus_per_task).")
+@click.option("--gpus", type=click.IntRange(min=0), default=None,
+              help="GPUs per array task (default slurm.gpus_per_task).")
 @click.option("--throttle", type=click.IntRange(min=1), default=None,
               help="Most array tasks running at once (default slurm.throttle).")
 @click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="OPTION",

@@ -449,7 +449,8 @@ def choose_backend(*, local: bool, dry_run: bool, overrides: Overrides, throttle
                              "Slurm login node")
     if given:
         raise SlurmOptionError(f"{', '.join(given)} {'needs' if one else 'need'} Slurm, but sbatch is not on "
-                               f"PATH: run on a Slurm login node, or drop {'it' if one else 'them'} to run workers here")
+                               f"PATH: run on a Slurm login node, or drop {'it' if one else 'them'} to run "
+                               "workers here")
     return Backend(False, "sbatch is not on PATH: running workers on this machine (as with --local)")
 
 
@@ -606,12 +607,6 @@ def cancel(store: Store, grace_s: float, *, wait_s: float = 60.0) -> Cancellatio
             and worker_key(worker.slurm_array_job_id, worker.slurm_array_task_id, worker.slurm_job_id) not in still]
     report = store.reap(time.time(), grace_s, gone_workers=gone)
     for job_id in live:
-        _mark_cancelled(store, job_id)
+        store.cancel_submission(job_id)
     return Cancellation(job_ids=live, released=report.released, failed=report.failed, still_running=still)
 
-
-def _mark_cancelled(store: Store, job_id: str) -> None:
-    """submissions.state = 'cancelled' through the named statement (the store has no public writer
-    for it yet)."""
-    with store._write() as conn:  # noqa: SLF001 - see the docstring
-        store._run(conn, "slurm_cancel_submission", {"job_id": job_id})  # noqa: SLF001

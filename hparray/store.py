@@ -555,6 +555,11 @@ class Store:
             self._run(conn, "record_submission", {"job_id": job_id, "array_size": array_size, "throttle": throttle,
                                                   "now": now, "command": command, "script": script})
 
+    def cancel_submission(self, job_id: str) -> None:
+        """Mark a Slurm submission cancelled (its rows are released by the reaper)."""
+        with self._write() as conn:
+            self._run(conn, "slurm_cancel_submission", {"job_id": job_id})
+
     def close(self) -> None:
         self.engine.dispose()
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from sqlalchemy import text
 
@@ -72,15 +73,32 @@ class Workers:
         self.logs.append(log)
         return proc
 
-    def wait_all(self, timeout_s: float) -> list[int]:
-        deadline = time.monotonic() + timeout_s
-        codes = []
+    def wait_all(self, stall_s: float = 180, limit_s: float = 1500,
+                 progress: Callable[[], Any] | None = None) -> list[int]:
+        """Exit codes once every process ended. Fails when nothing moved for `stall_s` (no CPU spent
+        by them and no change in `progress()`), or after `limit_s` in all: a loaded machine makes the
+        processes slow (16 of them importing torch on 2 busy cores takes minutes), a hang makes them still."""
+        started = last_move = time.monotonic()
+        seen: Any = None
+        while any(proc.poll() is None for proc in self.procs):
+            now = time.monotonic()
+            state = (round(self.cpu_s()), progress() if progress else None)
+            if state != seen:
+                seen, last_move = state, now
+            if now - last_move > stall_s or now - started > limit_s:
+                why = f"no progress for {stall_s:.0f} s" if now - last_move > stall_s else f"over {limit_s:.0f} s"
+                pytest.fail(f"processes still running ({why}; progress {seen}):\n{self.output()[-4000:]}")
+            time.sleep(0.5)
+        return [proc.returncode for proc in self.procs]
+
+    def cpu_s(self) -> float:
+        """CPU seconds the still-running processes have spent so far."""
+        total = 0.0
         for proc in self.procs:
-            try:
-                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"process {proc.args} still running after {timeout_s:.0f} s:\n{self.output()[-3000:]}")
-        return codes
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(proc.pid).cpu_times()
+                total += times.user + times.system
+        return total
 
     def output(self) -> str:
         return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')}" for log in self.logs if log.exists())
@@ -146,7 +164,7 @@ def many_workers_finish_every_row_once(project: Project, workers: Callable[..., 
         group = workers(project, db)
         for _ in range(count):  # all started before any is waited on
             group.start("worker", "--poll-s", "0.2", env=env)
-        codes = group.wait_all(timeout_s=400)
+        codes = group.wait_all(progress=lambda: rows(store, "SELECT COUNT(*) FROM attempts")[0][0])
         output = group.output()
         assert codes == [0] * count, output[-5000:]
         assert "database is locked" not in output
@@ -165,7 +183,7 @@ def many_workers_finish_every_row_once(project: Project, workers: Callable[..., 
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800)
 def test_sixteen_workers_on_one_sqlite_file_finish_every_row_exactly_once(
         make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
     project = make_project(categories=("pan", "zoom", "tilt", "static"), per_category=5, lr_values=lr_values(25),
@@ -175,7 +193,7 @@ def test_sixteen_workers_on_one_sqlite_file_finish_every_row_exactly_once(
 
 @pytest.mark.slow
 @pytest.mark.postgres
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800)
 def test_eight_workers_on_postgresql_finish_every_row_exactly_once(
         make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path, pg_url: str) -> None:
     project = make_project(categories=("pan", "zoom"), per_category=5, lr_values=lr_values(19),
@@ -210,7 +228,7 @@ def one_video_project(make_project: Callable[..., Project]) -> Project:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(500)
+@pytest.mark.timeout(900)
 def test_a_killed_worker_row_is_reclaimed_after_the_grace_and_its_late_finish_is_fenced(
         make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
     project = one_video_project(make_project)
@@ -221,7 +239,7 @@ def test_a_killed_worker_row_is_reclaimed_after_the_grace_and_its_late_finish_is
     group = workers(project)
     # Long enough that a starved test process still kills it mid-task; it never finishes anyway.
     victim = group.start("worker", env={"HPARRAY_TEST_TASK_S": "30", "HPARRAY_TEST_MARK_DIR": str(marks)})
-    held = wait_for("the victim to be running its row", lambda: running_row_of(store, victim.pid), 180)
+    held = wait_for("the victim to be running its row", lambda: running_row_of(store, victim.pid), 300)
     wait_for("the victim's task to start", lambda: os.listdir(marks), 30, 0.02)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=30) == -signal.SIGKILL
@@ -229,7 +247,7 @@ def test_a_killed_worker_row_is_reclaimed_after_the_grace_and_its_late_finish_is
 
     rescuer = group.start("worker", "--poll-s", "0.2",
                           env={"HPARRAY_TEST_TASK_S": "0", "HPARRAY_TEST_MARK_DIR": str(marks)})
-    assert rescuer.wait(timeout=240) == 0, group.output()[-3000:]
+    assert rescuer.wait(timeout=400) == 0, group.output()[-3000:]
 
     assert_each_row_done_exactly_once(store, marks, expected_tasks=2, extra_starts=1)
     attempts = rows(store, "SELECT id, lease, outcome, worker_id, started_at, heartbeat_at FROM attempts "
@@ -257,7 +275,7 @@ def test_a_killed_worker_row_is_reclaimed_after_the_grace_and_its_late_finish_is
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(500)
+@pytest.mark.timeout(900)
 def test_sigterm_gives_the_row_back_at_once_without_spending_an_attempt(
         make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
     project = one_video_project(make_project)
@@ -267,7 +285,7 @@ def test_sigterm_gives_the_row_back_at_once_without_spending_an_attempt(
     before = rows(store, "SELECT attempts FROM tasks WHERE kind = 'baseline'")[0][0]
     group = workers(project)
     worker = group.start("worker", env={"HPARRAY_TEST_TASK_S": "60", "HPARRAY_TEST_MARK_DIR": str(marks)})
-    held = wait_for("the worker to be running its row", lambda: running_row_of(store, worker.pid), 180)
+    held = wait_for("the worker to be running its row", lambda: running_row_of(store, worker.pid), 300)
     wait_for("the task to start", lambda: os.listdir(marks), 30, 0.02)
     assert held.attempts == before + 1
 
@@ -286,7 +304,7 @@ def test_sigterm_gives_the_row_back_at_once_without_spending_an_attempt(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_the_local_executor_replaces_a_worker_killed_mid_task(
         make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
     project = make_project(categories=("pan", "zoom"), per_category=1, lr_values=[1e-6, 1e-5, 1e-4],
@@ -300,9 +318,9 @@ def test_the_local_executor_replaces_a_worker_killed_mid_task(
     try:
         # The victim is a worker whose task started a moment ago (its mark is fresh), so it dies mid-task
         # even when this process is starved for a second between looking and killing.
-        pid = wait_for("a worker starting a task", lambda: fresh_mark_pid(marks), 240, 0.05)
+        pid = wait_for("a worker starting a task", lambda: fresh_mark_pid(marks), 300, 0.05)
         os.kill(pid, signal.SIGKILL)
-        assert submit.wait(timeout=400) == 0, group.output()[-4000:]
+        assert submit.wait(timeout=600) == 0, group.output()[-4000:]
     finally:
         for row in rows(store, "SELECT pid FROM workers WHERE state = 'running'"):  # a failed run's leftovers
             with contextlib.suppress(ProcessLookupError):

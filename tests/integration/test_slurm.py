@@ -130,7 +130,8 @@ def test_rendered_script_matches_the_golden_file() -> None:
 # ---------------------------------------------------------------- a sweep on Slurm
 
 
-def test_dry_run_then_an_array_on_fake_gpus_runs_the_sweep(local_slurm: LocalSlurm, make_project, tmp_path: Path) -> None:
+def test_dry_run_then_an_array_on_fake_gpus_runs_the_sweep(local_slurm: LocalSlurm, make_project,
+                                                           tmp_path: Path) -> None:
     project = slurm_project(make_project, tmp_path, task_s=1.5)
     dry = project.run("submit", "--dry-run", "--gpus", "1", "--throttle", "2")
     assert dry.returncode == 0, dry.stdout + dry.stderr
@@ -183,7 +184,8 @@ def test_scancelled_and_killed_array_tasks_give_rows_back_and_resubmit_finishes_
     # Slurm forgets the task, and the Slurm-aware reaper (`hparray reap`) puts the row back at once.
     os.kill(busy["1"]["pid"], signal.SIGKILL)
     t1 = time.monotonic()
-    held = query(project, "SELECT task_id FROM attempts WHERE worker_id = ? AND outcome IS NULL", busy["1"]["worker_id"])
+    held = query(project, "SELECT task_id FROM attempts WHERE worker_id = ? AND outcome IS NULL",
+                 busy["1"]["worker_id"])
     assert len(held) == 1, "the killed worker should have died mid-task (3 s tasks)"
     row1 = held[0]["task_id"]
     wait_for("task 1 to leave Slurm", lambda: job_ended(local_slurm, job), 60)

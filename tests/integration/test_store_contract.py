@@ -130,7 +130,7 @@ def test_eight_processes_opening_a_fresh_database_at_once_migrate_it_exactly_onc
             assert proc.stdin is not None
             proc.stdin.write("go\n")
             proc.stdin.flush()
-        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -1,0 +1,416 @@
+"""Train the built-in demo model: a tiny LTX-Video that has learned the procedural videos.
+
+A randomly initialised model scores every config the same (its VAE alone ruins every frame),
+so `make demo` could not show what a sweep is for. This trains the runner's own architecture
+(`hparray.runners.ltx.tiny_modules`) on procedural videos from the sample set's generator, on
+seeds and photos the sample set does not use, so the sample set stays held out:
+
+1. the VAE, on reconstruction of short random crops of the videos;
+2. the transformer, on the flow-matching loss the runner fine-tunes with
+   (`flow_matching_loss`), on the VAE's latents of whole videos, each batch conditioned on a
+   random number of leading frames laid out exactly as the pipeline lays out its conditions
+   (`layout_tokens`), so conditioned generation is what it learns.
+
+Every random draw comes from generators seeded by `TrainConfig.seed` in a fixed order, and
+training runs on a fixed number of CPU threads, so the same settings, torch build and CPU give
+bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hparray.runners.ltx import (
+    DEMO_WEIGHTS_DIR,
+    MANIFEST,
+    build_tiny_pipeline,
+    checkpoint_files,
+    conditioning_plan,
+    encode_latents,
+    file_sha256,
+    flow_matching_loss,
+    layout_tokens,
+    sampler_sigmas,
+)
+from hparray.sample_videos import CATEGORIES, VIDEOS_PER_CATEGORY, generate_video, photo_for
+from hparray.videos import _fit, _to_rgb01
+
+if TYPE_CHECKING:
+    import torch
+
+TRAIN_SEED_BASE = 1000
+"""Training videos use seeds from here on; the sample set uses 0..27."""
+
+TRAIN_PHOTO_INDICES = tuple(range(VIDEOS_PER_CATEGORY, 20))
+"""Photo indices per category that the sample set's videos of that category do not show."""
+
+_VERSIONED = ("torch", "diffusers", "numpy", "scikit-image", "safetensors")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the weights; the manifest records it so they can be rebuilt."""
+
+    seed: int = 0
+    videos: int = 160
+    num_frames: int = 49
+    size: int = 64
+    vae_steps: int = 600
+    vae_batch: int = 8
+    vae_clip_frames: int = 17
+    vae_crop: int = 32
+    vae_lr: float = 2e-3
+    transformer_steps: int = 1200
+    transformer_batch: int = 4
+    transformer_lr: float = 1e-3
+    max_condition_frames: int = 45
+    inference_steps: int = 8
+    frame_rate: int = 25
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class TrainingVideo:
+    """Where one training video comes from: the sample set's generator with other seeds."""
+
+    category: str
+    index: int
+    seed: int
+
+    @property
+    def photo(self) -> str:
+        return photo_for(self.category, self.index)
+
+
+def training_videos(count: int) -> list[TrainingVideo]:
+    """`count` videos cycling over the categories, on seeds TRAIN_SEED_BASE.. and on photos
+    the sample set does not show in the same category."""
+    return [
+        TrainingVideo(
+            category=CATEGORIES[k % len(CATEGORIES)],
+            index=TRAIN_PHOTO_INDICES[(k // len(CATEGORIES)) % len(TRAIN_PHOTO_INDICES)],
+            seed=TRAIN_SEED_BASE + k,
+        )
+        for k in range(count)
+    ]
+
+
+def render(video: TrainingVideo, num_frames: int, size: int) -> np.ndarray:
+    """(T, size, size, 3) float32 frames, exactly as `read_video` would read the same video
+    from the sample set (rendered at the set's 128 pixels, resized and cropped)."""
+    frames = generate_video(video.category, video.index, video.seed)[:num_frames]
+    return np.stack([_fit(_to_rgb01(frame, video.photo), size, size) for frame in frames])
+
+
+class Progress:
+    """Plain progress lines (a bar, the loss, elapsed and remaining time) that read well both
+    in a terminal and in a log file."""
+
+    def __init__(self, label: str, total: int, every: int, out: Callable[[str], None]) -> None:
+        self.label, self.total, self.every, self.out = label, total, max(1, every), out
+        self.started = time.perf_counter()
+
+    def update(self, done: int, text: str) -> None:
+        if done % self.every and done != self.total:
+            return
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / done * (self.total - done) if done else 0.0
+        filled = round(20 * done / self.total)
+        bar = "#" * filled + "." * (20 - filled)
+        self.out(
+            f"[{self.label}] {done:>5}/{self.total} [{bar}] {text}  "
+            f"{_clock(elapsed)} elapsed, ~{_clock(left)} left"
+        )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def _schedule(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to a tenth of the peak."""
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """(B, T, H, W, 3) in [0, 1] -> (B, 3, T, H, W) in [-1, 1], the pipeline's VAE input."""
+    import torch
+
+    return torch.from_numpy(frames).permute(0, 4, 1, 2, 3) * 2.0 - 1.0
+
+
+def train_vae(
+    vae: Any, videos: np.ndarray, cfg: TrainConfig, out: Callable[[str], None]
+) -> dict[str, float]:
+    """Reconstruction (MSE in [-1, 1]) of random crops, through a posterior draw as the
+    pipeline encodes, so the encoder learns a near-deterministic posterior."""
+    import torch
+
+    gen = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 1)
+    rng = np.random.default_rng([cfg.seed, 1])
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    progress = Progress("vae", cfg.vae_steps, max(1, cfg.vae_steps // 40), out)
+    ema = float("nan")
+    crop, clip = min(cfg.vae_crop, cfg.size), min(cfg.vae_clip_frames, cfg.num_frames)
+    for step in range(cfg.vae_steps):
+        picks = []
+        for _ in range(cfg.vae_batch):
+            v = int(rng.integers(len(videos)))
+            t0 = int(rng.integers(cfg.num_frames - clip + 1))
+            y0, x0 = (int(a) for a in rng.integers(cfg.size - crop + 1, size=2))
+            sample = videos[v, t0 : t0 + clip, y0 : y0 + crop, x0 : x0 + crop]
+            picks.append(sample[:, :, ::-1] if rng.integers(2) else sample)
+        pixels = _to_pixels(np.ascontiguousarray(np.stack(picks)))
+        for group in optimizer.param_groups:
+            group["lr"] = _schedule(step, cfg.vae_steps, cfg.vae_lr)
+        latents = vae.encode(pixels).latent_dist.sample(gen)
+        loss = torch.mean((vae.decode(latents).sample - pixels) ** 2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        value = loss.item()
+        ema = value if math.isnan(ema) else 0.95 * ema + 0.05 * value
+        progress.update(step + 1, f"mse {ema:.5f} ({_psnr_db(ema):.2f} dB)")
+    vae.eval()
+    return {"vae_mse": ema, "vae_psnr_db": _psnr_db(ema)}
+
+
+def _psnr_db(mse_in_minus1_1: float) -> float:
+    """PSNR in [0, 1] pixel units of an MSE measured in [-1, 1] units."""
+    return 10.0 * math.log10(4.0 / mse_in_minus1_1) if mse_in_minus1_1 > 0 else float("inf")
+
+
+def encode_videos(
+    pipe: Any, videos: np.ndarray, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised latents of every whole video (N, C, F, h, w) and of every frame on its own
+    (N, T, C, 1, h, w), the way the pipeline encodes video and single-frame conditions.
+
+    The per-channel mean and std of the video latents become the VAE's `latents_mean` and
+    `latents_std`, so the transformer sees unit-scale latents.
+    """
+    import torch
+
+    gen = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 2)
+    vae = pipe.vae
+    vae.latents_mean.zero_()
+    vae.latents_std.fill_(1.0)
+    raw_video, raw_single = [], []
+    with torch.no_grad():
+        for frames in videos:
+            pixels = _to_pixels(frames[None])
+            raw_video.append(encode_latents(pipe, pixels, gen))
+            raw_single.append(encode_latents(pipe, pixels[0].permute(1, 0, 2, 3)[:, :, None], gen))
+    video = torch.cat(raw_video)
+    single = torch.stack(raw_single)
+    channels = video.transpose(0, 1).reshape(video.shape[1], -1)
+    vae.latents_mean.copy_(channels.mean(dim=1))
+    vae.latents_std.copy_(channels.std(dim=1))
+    mean, std = vae.latents_mean, vae.latents_std
+    return (
+        pipe._normalize_latents(video, mean, std),
+        pipe._normalize_latents(single.flatten(0, 1), mean, std).unflatten(0, single.shape[:2]),
+    )
+
+
+def train_transformer(
+    pipe: Any,
+    video_latents: torch.Tensor,
+    frame_latents: torch.Tensor,
+    cfg: TrainConfig,
+    out: Callable[[str], None],
+) -> dict[str, float]:
+    """The runner's flow-matching loss on whole videos, each batch conditioned on a random
+    number of leading frames: a clean video prefix plus single-frame conditions, exactly the
+    conditions the runner generates from."""
+    import torch
+
+    transformer = pipe.transformer
+    gen = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 3)
+    sampler = sampler_sigmas(pipe, cfg.inference_steps)
+    ratio = pipe.vae_temporal_compression_ratio
+    _, _, latent_frames, latent_h, latent_w = video_latents.shape
+    per_frame = latent_h * latent_w
+    max_condition = min(cfg.max_condition_frames, (latent_frames - 1) * ratio)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.transformer_lr)
+    transformer.train()
+    progress = Progress("transformer", cfg.transformer_steps, max(1, cfg.transformer_steps // 40), out)
+    ema = float("nan")
+    for step in range(cfg.transformer_steps):
+        condition = int(torch.randint(1, max_condition + 1, (1,), generator=gen))
+        picks = torch.randint(0, len(video_latents), (cfg.transformer_batch,), generator=gen)
+        plan = conditioning_plan(condition, ratio)
+        video = video_latents[picks]
+        images = [(i, frame_latents[picks, i]) for i in plan.leftover]
+        clean, coords, image_tokens = layout_tokens(pipe, video, images, cfg.frame_rate)
+        prefix_latent_frames = (plan.prefix - 1) // ratio + 1
+        is_clean = torch.zeros(clean.shape[:2], dtype=torch.bool)
+        is_clean[:, : image_tokens + prefix_latent_frames * per_frame] = True
+        # Half the noise levels are the ones the default sampler visits, half anywhere in (0, 1].
+        uniform = 1.0 - torch.rand(cfg.transformer_batch, generator=gen)
+        visited = sampler[torch.randint(0, len(sampler), (cfg.transformer_batch,), generator=gen)]
+        coin = torch.rand(cfg.transformer_batch, generator=gen) < 0.5
+        sigma = torch.where(coin, visited, uniform)
+        noise = torch.randn(clean.shape, generator=gen)
+        for group in optimizer.param_groups:
+            group["lr"] = _schedule(step, cfg.transformer_steps, cfg.transformer_lr)
+        loss = flow_matching_loss(transformer, clean, noise, sigma, is_clean, coords)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        value = loss.item()
+        ema = value if math.isnan(ema) else 0.98 * ema + 0.02 * value
+        progress.update(step + 1, f"loss {ema:.4f}")
+    transformer.eval()
+    return {"transformer_flow_matching": ema}
+
+
+def train(
+    cfg: TrainConfig, out_dir: Path, command: str = "", out: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Train, write the pipeline to `out_dir` (replaced whole) with its manifest, return it."""
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    # Only noise here: the scheduler's note on timesteps given without sigmas, and
+    # save_pretrained's note that the pipeline has no text encoder to save.
+    verbosity = diffusers_logging.get_verbosity()
+    threads = torch.get_num_threads()
+    diffusers_logging.set_verbosity_error()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, out_dir, command, out)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        torch.set_num_threads(threads)
+
+
+def _train(
+    cfg: TrainConfig, out_dir: Path, command: str, out: Callable[[str], None]
+) -> dict[str, Any]:
+    started, cpu_started = time.perf_counter(), time.process_time()
+    timings: dict[str, float] = {}
+    sources = training_videos(cfg.videos)
+    out(
+        f"rendering {len(sources)} training videos (seeds {sources[0].seed}.."
+        f"{sources[-1].seed}, {cfg.num_frames} frames, {cfg.size}x{cfg.size})"
+    )
+    videos = np.stack([render(video, cfg.num_frames, cfg.size) for video in sources])
+    timings["data_s"] = time.perf_counter() - started
+
+    pipe = build_tiny_pipeline(None, seed=cfg.seed)
+    mark = time.perf_counter()
+    losses = train_vae(pipe.vae, videos, cfg, out)
+    timings["vae_s"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    out("encoding the training videos with the trained VAE")
+    video_latents, frame_latents = encode_videos(pipe, videos, cfg)
+    del videos
+    timings["encode_s"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    losses |= train_transformer(pipe, video_latents, frame_latents, cfg, out)
+    timings["transformer_s"] = time.perf_counter() - mark
+    timings["wall_s"] = time.perf_counter() - started
+    timings["cpu_s"] = time.process_time() - cpu_started
+
+    manifest = _write(pipe, out_dir, cfg, command, sources, timings, losses)
+    out(
+        f"wrote {out_dir} ({sum(f.stat().st_size for f in out_dir.rglob('*') if f.is_file()) / 2**20:.2f} MiB) "
+        f"in {_clock(timings['wall_s'])}; final losses: "
+        + ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+    )
+    return manifest
+
+
+def _write(
+    pipe: Any,
+    out_dir: Path,
+    cfg: TrainConfig,
+    command: str,
+    sources: list[TrainingVideo],
+    timings: dict[str, float],
+    losses: dict[str, float],
+) -> dict[str, Any]:
+    """Save in diffusers layout next to `out_dir`, add the manifest, then swap it into place,
+    so an interrupted run never leaves half a model where the runner looks for one."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        # mkdtemp and safetensors create owner-only files; installed weights must be readable.
+        staging.chmod(0o755)
+        for path in staging.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        manifest = {
+            "model": "hparray built-in demo model: tiny LTX-Video (diffusers layout)",
+            "command": command,
+            "seed": cfg.seed,
+            "settings": dataclasses.asdict(cfg),
+            "steps": {"vae": cfg.vae_steps, "transformer": cfg.transformer_steps},
+            "data": {
+                "generator": "hparray.sample_videos.generate_video (rendered at 128 px, 57 frames)",
+                "read_as": f"first {cfg.num_frames} frames, resized to {cfg.size}x{cfg.size}",
+                "seeds": [sources[0].seed, sources[-1].seed],
+                "categories": list(CATEGORIES),
+                "photo_indices": list(TRAIN_PHOTO_INDICES),
+                "held_out": "the sample set: seeds 0..27, photo indices 0..6 of each category",
+            },
+            "versions": {
+                "python": platform.python_version(),
+                **{name: metadata.version(name) for name in _VERSIONED},
+            },
+            "machine": {"cpu": platform.machine(), "threads": cfg.threads},
+            "training_time_s": {k: round(v, 1) for k, v in timings.items()},
+            "final_losses": {k: round(v, 6) for k, v in losses.items()},
+            "files": {rel: file_sha256(staging / rel) for rel in checkpoint_files(staging)},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def config_from_manifest(path: Path) -> TrainConfig:
+    """The settings a manifest was trained with, to rebuild (and compare) its weights."""
+    settings = json.loads(path.read_text(encoding="utf-8"))["settings"]
+    return TrainConfig(**settings)
+
+
+def compare(manifest: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """Files whose sha256 differs between two manifests (empty: bit-identical weights)."""
+    ours, theirs = manifest["files"], reference["files"]
+    return sorted(rel for rel in set(ours) | set(theirs) if ours.get(rel) != theirs.get(rel))
+
+
+def default_command(argv: list[str]) -> str:
+    """The command line as a user would retype it."""
+    return shlex.join([Path(sys.executable).name, "-m", "hparray.train_demo_model", *argv])
+
