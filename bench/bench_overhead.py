@@ -1,0 +1,274 @@
+"""Orchestration overhead per task on the tiny real runner (LTX-Video, PSNR + SSIM, 49 frames of
+64x64), through the real worker loop (hparray.runtime.run_worker) on an SQLite store.
+
+Per task it times what hparray adds around the runner: the claim, the plan check and artifact
+folder lookup, recording the result (finish), writing the artifacts, the heartbeats (a thread,
+concurrent with the task) and the reaper's passes. The model's one-time load is the worker's,
+not the task's, and is reported apart.
+
+Extrapolation to a 5-minute task: the per-task costs (claim, check, finish, artifacts) do not
+depend on how long the task runs; heartbeats come every tasks.heartbeat_interval_s (30 s: 10 per
+5 minutes) and reaper passes every heartbeat_grace_s / 4 (75 s: 4 per 5 minutes). Heartbeats
+run beside the task and do not lengthen it; they are counted at their full wall time anyway,
+so the figure is an upper bound. Artifacts grow with the frames: a second measurement writes
+49 frames at 640x360 (the first experiment's 360p) to show how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import REPO, bench_project, console, load_line, machine, table, tiny_model_path, write_json
+
+FIVE_MINUTES_S = 300.0
+PRODUCTION_HEARTBEAT_S = 30.0
+PRODUCTION_GRACE_S = 300.0
+ACCEPTANCE_SHARE = 0.001  # 0.1 %
+
+
+@dataclass
+class Call:
+    """One timed call: what, on which thread, when (monotonic), wall and thread CPU seconds."""
+
+    name: str
+    thread: str
+    start: float
+    wall_s: float
+    cpu_s: float
+    task_id: int | None = None
+
+
+@dataclass
+class Recorder:
+    calls: list[Call] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wrap(self, name: str, fn: Callable[..., Any], task_of: Callable[[tuple[Any, ...], Any], int | None]
+             ) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start, cpu = time.monotonic(), time.thread_time()
+            result = fn(*args, **kwargs)
+            call = Call(name, threading.current_thread().name, start, time.monotonic() - start,
+                        time.thread_time() - cpu, task_of(args, result))
+            with self.lock:
+                self.calls.append(call)
+            return result
+
+        return timed
+
+
+@dataclass
+class TaskRow:
+    task_id: int
+    kind: str
+    wall_s: float  # claim start -> finish end, minus the worker's one-time model load
+    claim_ms: float
+    check_ms: float  # plan check + artifact folder lookup + expected-duration lookup
+    artifacts_ms: float
+    finish_ms: float
+    heartbeats: int
+    heartbeat_ms: float
+    reaps: int
+    reap_ms: float
+    overhead_ms: float
+    share: float
+
+
+def _task_arg(args: tuple[Any, ...], _result: Any) -> int | None:
+    task = args[0] if args else None
+    return getattr(task, "id", None)
+
+
+def _claimed(_args: tuple[Any, ...], result: Any) -> int | None:
+    return getattr(result, "id", None)
+
+
+def _none(_args: tuple[Any, ...], _result: Any) -> None:
+    return None
+
+
+def run_sweep(root: Path, videos: int, steps: int, journal: str, model_path: str | None) -> tuple[Recorder, Any]:
+    """Plan one lr point (the baseline) on `videos` videos and run one real worker over it."""
+    import hparray.experiment as experiment_module
+    from hparray.config import load_sweep
+    from hparray.experiment import Experiment
+    from hparray.plan import build_plan, select_videos
+    from hparray.runtime import run_worker
+    from hparray.store import Store
+
+    config_dir = bench_project(root, {
+        "baseline": {"finetune_steps": steps},
+        "data": {"num_videos": videos},
+        "metrics": ["psnr", "ssim"],
+        "model": {"path": model_path},
+        "output_dir": str(root / "results"),
+        # Short enough to see several beats in a task of seconds; the extrapolation uses 30 s.
+        "tasks": {"heartbeat_interval_s": 0.5, "heartbeat_grace_s": 120},
+    }, searches={"lr": [1e-5]})
+    sweep = load_sweep(config_dir)
+    plan = build_plan(sweep, "all", select_videos(sweep.settings))
+    os.environ["HPARRAY_SQLITE_JOURNAL"] = journal
+    store = Store.open(str(root / "results.db"))
+    store.apply_plan(plan.config_rows(), plan.search_config_rows(), plan.video_rows(), plan.tasks,
+                     sweep.settings.tasks.max_attempts, time.time())
+
+    recorder = Recorder()
+    for name, task_of in (("claim", _claimed), ("heartbeat", _task_arg), ("finish", _task_arg),
+                          ("fetch", _none), ("scalar", _none), ("reap", _none), ("waiting_work", _none)):
+        setattr(store, name, recorder.wrap(name, getattr(store, name), task_of))
+    originals = (experiment_module.write_artifacts, Experiment.matches_plan)
+    experiment_module.write_artifacts = recorder.wrap("artifacts", experiment_module.write_artifacts, _none)
+    Experiment.matches_plan = recorder.wrap("check", Experiment.matches_plan,  # type: ignore[method-assign]
+                                            lambda args, _r: getattr(args[1], "id", None))
+    try:
+        summary = run_worker(sweep.settings, store)
+    finally:
+        experiment_module.write_artifacts, Experiment.matches_plan = originals  # type: ignore[method-assign]
+        store.close()
+    return recorder, (store, summary)
+
+
+def task_rows(recorder: Recorder, load_s: float, kinds: dict[int, str]) -> list[TaskRow]:
+    """Attribute every recorded call to the task whose window [claim start, finish end] holds it."""
+    calls = sorted(recorder.calls, key=lambda c: c.start)
+    claims = [c for c in calls if c.name == "claim" and c.task_id is not None]
+    finishes = {c.task_id: c for c in calls if c.name == "finish"}
+    rows = []
+    for index, claim in enumerate(claims):
+        finish = finishes[claim.task_id]
+        end = finish.start + finish.wall_s
+        inside = [c for c in calls if claim.start <= c.start <= end]
+
+        def total(*names: str, inside: list[Call] = inside) -> float:
+            return sum(c.wall_s for c in inside if c.name in names)
+
+        wall = end - claim.start - (load_s if index == 0 else 0.0)
+        beats = [c for c in inside if c.name == "heartbeat"]
+        reaps = [c for c in inside if c.name == "reap"]
+        overhead = total("claim", "check", "fetch", "scalar", "artifacts", "finish") + total("heartbeat", "reap")
+        rows.append(TaskRow(
+            task_id=claim.task_id, kind=kinds.get(claim.task_id, "?"), wall_s=round(wall, 3),
+            claim_ms=round(total("claim") * 1e3, 2), check_ms=round(total("check", "fetch", "scalar") * 1e3, 2),
+            artifacts_ms=round(total("artifacts") * 1e3, 2), finish_ms=round(total("finish") * 1e3, 2),
+            heartbeats=len(beats), heartbeat_ms=round(total("heartbeat") * 1e3, 2),
+            reaps=len(reaps), reap_ms=round(total("reap") * 1e3, 2),
+            overhead_ms=round(overhead * 1e3, 2), share=overhead / wall if wall > 0 else 0.0,
+        ))
+    return rows
+
+
+def artifacts_at(frames: int, height: int, width: int, scratch: Path) -> tuple[float, int]:
+    """Seconds to write one task's artifacts (frames.npz + generated.mp4) at this size, and bytes.
+
+    The frames are a smooth moving pattern plus a little noise, like a model's float output."""
+    from hparray.experiment import write_artifacts
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rng = np.random.default_rng(0)
+    video = np.stack([np.stack([0.5 + 0.5 * np.sin((x + 3 * t) / 40), y / height,
+                                0.5 + 0.5 * np.cos((y - 2 * t) / 30)], axis=-1) for t in range(frames)])
+    video = np.clip(video + rng.normal(0, 0.01, video.shape), 0, 1).astype(np.float32)
+    target = scratch / f"artifacts-{width}x{height}"
+    started = time.perf_counter()
+    write_artifacts(video, [target], 25)
+    seconds = time.perf_counter() - started
+    return seconds, sum(f.stat().st_size for f in target.iterdir())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=2, help="videos: one baseline + one fine-tune row each")
+    parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps of the fine-tune rows")
+    parser.add_argument("--journal", default="delete", choices=["delete", "wal"],
+                        help="SQLite journal (delete = the shared-filesystem mode, the slower one)")
+    parser.add_argument("--no-360p", action="store_true", help="skip the 640x360 artifact measurement")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="hparray-overhead-") as tmp:
+        root = Path(tmp)
+        model_path = tiny_model_path(root)
+        recorder, (store, summary) = run_sweep(root, args.videos, args.steps, args.journal, model_path)
+        done = {row.task_id: row for row in _results(root)}
+        load_s = max((r.load_s or 0.0) for r in done.values()) if done else 0.0
+        rows = task_rows(recorder, load_s, {tid: r.kind for tid, r in done.items()})
+        big = None if args.no_360p else artifacts_at(49, 360, 640, root)
+        small = artifacts_at(49, 64, 64, root)
+
+    finetunes = [r for r in rows if r.kind == "finetune"] or rows
+    mean = {key: float(np.mean([getattr(r, key) for r in finetunes])) for key in
+            ("wall_s", "claim_ms", "check_ms", "artifacts_ms", "finish_ms")}
+    beats = [c for c in recorder.calls if c.name == "heartbeat"]
+    reaps = [c for c in recorder.calls if c.name == "reap"]
+    beat_ms = float(np.mean([c.wall_s for c in beats]) * 1e3) if beats else 0.0
+    beat_cpu_ms = float(np.mean([c.cpu_s for c in beats]) * 1e3) if beats else 0.0
+    reap_ms = float(np.mean([c.wall_s for c in reaps]) * 1e3) if reaps else 0.0
+    per_task_ms = mean["claim_ms"] + mean["check_ms"] + mean["finish_ms"] + mean["artifacts_ms"]
+    beats_5min = FIVE_MINUTES_S / PRODUCTION_HEARTBEAT_S
+    reaps_5min = FIVE_MINUTES_S / (PRODUCTION_GRACE_S / 4)
+    five_min_ms = per_task_ms + beats_5min * beat_ms + reaps_5min * reap_ms
+    extrapolation = {
+        "per_task_fixed_ms": per_task_ms, "heartbeat_ms": beat_ms, "heartbeat_cpu_ms": beat_cpu_ms,
+        "reap_ms": reap_ms, "heartbeats_per_5min": beats_5min, "reaps_per_5min": reaps_5min,
+        "overhead_5min_ms": five_min_ms, "share_5min": five_min_ms / (FIVE_MINUTES_S * 1e3),
+        "artifacts_64x64_s": small[0], "artifacts_64x64_bytes": small[1],
+        "artifacts_360p_s": big[0] if big else None, "artifacts_360p_bytes": big[1] if big else None,
+        "model_load_s": load_s, "journal": args.journal, "finetune_steps": args.steps,
+    }
+    if big:
+        extrapolation["share_5min_360p"] = (five_min_ms - mean["artifacts_ms"] + big[0] * 1e3) / (FIVE_MINUTES_S * 1e3)
+
+    console.print(table(
+        f"Orchestration per task: tiny LTX runner, PSNR+SSIM, 49x64x64, SQLite {args.journal} journal",
+        ["task", "kind", "wall s", "claim ms", "check ms", "artifacts ms", "finish ms", "heartbeats (ms)",
+         "reaps (ms)", "overhead ms", "share"],
+        [[r.task_id, r.kind, f"{r.wall_s:.2f}", f"{r.claim_ms:.1f}", f"{r.check_ms:.1f}", f"{r.artifacts_ms:.1f}",
+          f"{r.finish_ms:.1f}", f"{r.heartbeats} ({r.heartbeat_ms:.1f})", f"{r.reaps} ({r.reap_ms:.1f})",
+          f"{r.overhead_ms:.1f}", f"{r.share:.3%}"] for r in rows],
+        caption=(f"model load {load_s:.1f} s once per worker (not in any task's wall); heartbeats every 0.5 s "
+                 f"here to measure them; {load_line(info)}")))
+    lines = [
+        ["claim + check + finish + artifacts (per task)", f"{per_task_ms:.1f} ms", "1 per task"],
+        ["heartbeat (wall / thread CPU)", f"{beat_ms:.1f} / {beat_cpu_ms:.1f} ms", f"{beats_5min:.0f} per 5 min"],
+        ["reaper pass", f"{reap_ms:.1f} ms", f"{reaps_5min:.0f} per 5 min"],
+        ["total for a 5-minute task", f"{five_min_ms:.1f} ms", f"{extrapolation['share_5min']:.4%} of 300 s"],
+        ["artifacts at 49x64x64", f"{small[0] * 1e3:.1f} ms", f"{small[1] / 1e6:.2f} MB"],
+    ]
+    if big:
+        lines.append(["artifacts at 49x360x640 instead", f"{big[0] * 1e3:.0f} ms", f"{big[1] / 1e6:.1f} MB, "
+                      f"total {extrapolation['share_5min_360p']:.3%} of 300 s"])
+    console.print(table("Extrapolated to a 5-minute task (heartbeat 30 s, grace 300 s)",
+                        ["what", "time", "how often / size"], lines))
+    verdict = extrapolation["share_5min"] < ACCEPTANCE_SHARE
+    console.print(f"acceptance: orchestration {extrapolation['share_5min']:.4%} of a 5-minute task "
+                  f"(< 0.1%): {'PASS' if verdict else 'FAIL'}")
+    path = write_json("overhead", info, [asdict(r) for r in rows], extrapolation=extrapolation,
+                      worker=dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else str(summary),
+                      acceptance={"share_5min": extrapolation["share_5min"], "pass": verdict})
+    console.print(f"wrote {path.relative_to(REPO)}")
+
+
+def _results(root: Path) -> list[Any]:
+    """(task_id, kind, load_s) of every recorded result, read straight from the database."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(root / "results.db")) as conn:
+        conn.row_factory = sqlite3.Row
+        return list(conn.execute("SELECT r.task_id, t.kind, r.load_s FROM results AS r "
+                                 "JOIN tasks AS t ON t.id = r.task_id"))
+
+
+if __name__ == "__main__":
+    main()
