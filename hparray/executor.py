@@ -93,9 +93,11 @@ class LocalExecutor:
         return sum(totals.get(status, 0) for status in ("done", "diverged", "failed"))
 
     def _work_left(self) -> bool:
+        """Rows a new worker could run now or once their dependency is done. Rows running under
+        other workers are theirs: waiting for them here would only spawn idle workers."""
         totals = {row.status: row.n for row in self.store.fetch("task_totals")}
         blocked = int(self.store.scalar("blocked_tasks") or 0)
-        return totals.get("pending", 0) - blocked > 0 or totals.get("running", 0) > 0
+        return totals.get("pending", 0) - blocked > 0
 
     def run(self) -> ExecutorReport:
         """Start the workers and supervise them; returns when they are all gone."""
@@ -135,8 +137,8 @@ class LocalExecutor:
                         log.warning("worker in slot %d exited with %s; replacing it", slot, code)
                         self.report.replaced += 1
                         self._spawn(slot)
-                # Workers that died while rows were still running get them back after the grace;
-                # keep one worker alive to pick those up.
+                # Rows can turn pending after the last worker left (a stale row reaped by the
+                # periodic pass above): one worker is enough to pick them up.
                 if not self._procs and not self.report.interrupted and not self.report.gave_up \
                         and self._work_left():
                     self._spawn(0)

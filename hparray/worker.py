@@ -28,8 +28,11 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-class Interrupted(Exception):
-    """Raised inside the running task when the worker must give its row back now."""
+class Interrupted(BaseException):
+    """Raised inside the running task when the worker must give its row back now.
+
+    A BaseException, like KeyboardInterrupt, so that a runner's `except Exception` cannot
+    swallow it and keep a row the worker was told to give back."""
 
 
 class ConfigMismatch(Exception):
