@@ -223,9 +223,8 @@ def submit(ctx: Context, local: bool, workers: int | None, partition: str | None
     where the sweep stopped, down to the single video. On Slurm the array is a pool of workers
     sized to the rows left; the script comes from sbatch/worker.sbatch.j2.
     """
-    from hparray.executor import LocalExecutor, visible_gpus
-
     from hparray.doctor import before_submit
+    from hparray.executor import Counts, LocalExecutor, rows_to_run, visible_gpus
 
     overrides = slurm.Overrides(partition=partition, time=time_limit, gpus=gpus, sbatch_args=sbatch_args)
     backend = slurm.choose_backend(local=local, dry_run=dry_run, overrides=overrides, throttle=throttle)
@@ -244,27 +243,24 @@ def submit(ctx: Context, local: bool, workers: int | None, partition: str | None
         console.print(f"dry run: would run {slurm.claimable_rows(store)} claimable rows with {count} local "
                       "worker(s); nothing started")
         return
-    worker_args = [*ctx.global_args(store), "worker"]
     log_dir = settings.output_path() / "logs"
-    initial = sweep_status(store, time.time(), settings.tasks.heartbeat_grace_s)
-    todo = initial.pending + initial.running - initial.blocked
+    todo = rows_to_run(store)
     if todo == 0:
         console.print("nothing to run: every planned row is finished. `hparray status` shows the results.")
         return
     console.print(f"running {todo} rows with {count} local worker(s); logs in {log_dir}; Ctrl-C stops cleanly")
-    finished_before = initial.done + initial.diverged + initial.failed
+    before = Counts.read(store)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("sweep", total=todo, detail="")
 
         def refresh() -> None:
-            totals = {row.status: row.n for row in store.fetch("task_totals")}
-            finished = totals.get("done", 0) + totals.get("diverged", 0) + totals.get("failed", 0)
-            progress.update(bar, completed=finished - finished_before,
-                            detail=f"running {totals.get('running', 0)}, failed {totals.get('failed', 0)}")
+            now = Counts.read(store)
+            progress.update(bar, completed=now.finished - before.finished,
+                            detail=f"running {now.running}, failed {now.failed}")
 
-        report = LocalExecutor(store, worker_args, count, grace_s=settings.tasks.heartbeat_grace_s,
-                               log_dir=log_dir, progress=refresh).run()
+        report = LocalExecutor(store, [*ctx.global_args(store), "worker"], count,
+                               grace_s=settings.tasks.heartbeat_grace_s, log_dir=log_dir, progress=refresh).run()
     final = sweep_status(store, time.time(), settings.tasks.heartbeat_grace_s)
     console.print(f"{final.done} done, {final.diverged} diverged, {final.failed} failed, "
                   f"{final.pending} pending of {final.total} rows ({report.replaced} workers replaced)")

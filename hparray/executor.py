@@ -26,6 +26,21 @@ POLL_S = 0.5
 STOP_WAIT_S = 30.0
 
 
+@dataclass(frozen=True)
+class Counts:
+    """What a progress display needs: rows finished (done, diverged or failed), running, failed."""
+
+    finished: int
+    running: int
+    failed: int
+
+    @classmethod
+    def read(cls, store: Store) -> Counts:
+        totals = {row.status: row.n for row in store.fetch("task_totals")}
+        return cls(finished=sum(totals.get(s, 0) for s in ("done", "diverged", "failed")),
+                   running=totals.get("running", 0), failed=totals.get("failed", 0))
+
+
 @dataclass
 class ExecutorReport:
     started: int = 0
@@ -89,8 +104,7 @@ class LocalExecutor:
         self.report.started += 1
 
     def _finished(self) -> int:
-        totals = {row.status: row.n for row in self.store.fetch("task_totals")}
-        return sum(totals.get(status, 0) for status in ("done", "diverged", "failed"))
+        return Counts.read(self.store).finished
 
     def _work_left(self) -> bool:
         """Rows a new worker could run now or once their dependency is done. Rows running under
@@ -168,3 +182,10 @@ class LocalExecutor:
                 proc.kill()
             self.report.exit_codes.append(proc.returncode if proc.returncode is not None else -9)
         self._procs.clear()
+
+
+def rows_to_run(store: Store) -> int:
+    """Rows a local run would work through: pending (not blocked by a dead dependency) and running."""
+    totals = {row.status: row.n for row in store.fetch("task_totals")}
+    blocked = int(store.scalar("blocked_tasks") or 0)
+    return totals.get("pending", 0) - blocked + totals.get("running", 0)
