@@ -19,17 +19,21 @@ LR_VALUES = [round(1e-6 * 1.7**i, 12) for i in range(10)]  # 10 configs x 20 vid
 
 
 def _killer(store_url: str, stop: threading.Event, kills: list[int], seed: int = 7) -> None:
-    """SIGKILL one running worker (a random one) every 4-8 s."""
+    """Every 8-15 s, SIGKILL a random worker, one that holds a row when there is one (a kill
+    mid-task is the case that matters; a worker costs ~10 s of imports to replace)."""
     rng = random.Random(seed)
     store = Store.open(store_url, create=False)
-    while not stop.wait(rng.uniform(4.0, 8.0)):
+    host = os.uname().nodename.split(".")[0]
+    while not stop.wait(rng.uniform(8.0, 15.0)):
         try:
-            rows = [row for row in store.fetch("live_workers") if row.host == os.uname().nodename.split(".")[0]]
+            rows = [row for row in store.fetch("live_workers")
+                    if row.host == host and os.path.exists(f"/proc/{row.pid}")]
         except Exception:
             continue
-        alive = [row.pid for row in rows if os.path.exists(f"/proc/{row.pid}")]
-        if alive:
-            pid = rng.choice(alive)
+        busy = [row.pid for row in rows if row.current_task is not None]
+        candidates = busy or [row.pid for row in rows]
+        if candidates:
+            pid = rng.choice(candidates)
             try:
                 os.kill(pid, signal.SIGKILL)
                 kills.append(pid)
@@ -55,12 +59,12 @@ def test_killed_workers_lose_nothing_and_repeat_nothing(make_project, db_url: st
     killer = threading.Thread(target=_killer, args=(db_url, stop, kills), daemon=True)
     killer.start()
     try:
-        run = project.run("--db", db_url, "submit", "--local", "--workers", "4", timeout=900)
+        run = project.run("--db", db_url, "submit", "--local", "--workers", "3", timeout=900)
     finally:
         stop.set()
         killer.join()
     assert run.returncode == 0, run.stdout + run.stderr
-    assert len(kills) >= 5, f"the killer only got {len(kills)} workers"
+    assert len(kills) >= 4, f"the killer only got {len(kills)} workers"
 
     with store.engine.connect() as conn:
         from sqlalchemy import text
