@@ -51,7 +51,8 @@ def list_videos(source: str, *, config_dir: Path, cache_dir: Path | None = None)
     `source` is 'sample' (the bundled procedural set), a directory (category = first-level
     subfolder, files directly inside get 'default') or a CSV manifest with columns path,
     category and optional caption (relative paths resolved against the CSV's folder). A
-    relative source is looked up in the current directory first, then in `config_dir`.
+    relative source is looked up in the current directory, then the project folder (the
+    parent of `config_dir`), then `config_dir` itself.
     """
     if source == SAMPLE_SOURCE:
         return _from_manifest(sample_dir(cache_dir) / "manifest.csv")
@@ -211,12 +212,13 @@ def _publish(built: Path, final: Path) -> None:
 
 
 def _resolve_source(source: str, config_dir: Path) -> Path:
-    """An absolute source as given; a relative one from the cwd, else from the config folder."""
+    """An absolute source as given; a relative one from the cwd, else from the project folder
+    (the parent of configs/, where output_dir is resolved too), else from the config folder."""
     path = Path(source).expanduser()
     if path.is_absolute():
         candidates = [path]
     else:
-        candidates = [Path.cwd() / path, Path(config_dir) / path]
+        candidates = [Path.cwd() / path, Path(config_dir).parent / path, Path(config_dir) / path]
     for candidate in candidates:
         if candidate.exists():
             return Path(os.path.normpath(candidate))

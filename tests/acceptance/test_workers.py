@@ -335,3 +335,34 @@ def test_the_local_executor_replaces_a_worker_killed_mid_task(
     logs = list((project.root / "results" / "logs").glob("worker-*.log"))
     assert logs and not any("database is locked" in log.read_text() for log in logs)
     store.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_local_executor_puts_every_claimed_row_back(make_project) -> None:
+    """Ctrl-C (SIGINT to `submit --local`) stops every worker cleanly: rows pending again,
+    their attempts given back, nothing left running."""
+    import signal as signals
+    import sqlite3
+    import time as clock
+
+    project: Project = make_project()
+    assert project.run("plan", "--search", "lr").returncode == 0
+    submit = project.popen("submit", "--local", "--workers", "2", env={"HPARRAY_TEST_TASK_S": "30"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = clock.time() + 120
+    running = 0
+    while clock.time() < deadline and running < 2:
+        clock.sleep(0.5)
+        if project.db.exists():
+            with sqlite3.connect(project.db) as conn:
+                running = conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'running'").fetchone()[0]
+    assert running == 2, "two workers never got to work"
+    submit.send_signal(signals.SIGINT)
+    out, err = submit.communicate(timeout=120)
+    assert submit.returncode == 130, out + err
+    with sqlite3.connect(project.db) as conn:
+        statuses = dict(conn.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall())
+        spent = conn.execute("SELECT COALESCE(SUM(attempts), 0) FROM tasks").fetchone()[0]
+        released = conn.execute("SELECT COUNT(*) FROM attempts WHERE outcome = 'released'").fetchone()[0]
+    assert "running" not in statuses and statuses.get("pending") == 24, statuses
+    assert spent == 0 and released == 2
