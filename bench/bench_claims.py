@@ -9,6 +9,11 @@ Rows, measured in one run so they can be compared:
                            BEGIN IMMEDIATE; <the same claim statement> RETURNING; COMMIT, then a
                            one-statement finish; same schema, index, journal and synchronous=NORMAL
   optuna sqlite            Optuna's RDBStorage on SQLite: enqueue_trial per task, then ask()/tell()
+  (no writer lock)         hparray rollback with HPARRAY_SQLITE_WRITER_LOCK=0: SQLite's busy handler
+                           alone, as before the writer lock (hparray/store.py, WriterLock)
+
+hparray's workers register first, as real ones do, so the claim and the finish also update
+their worker row.
 
 A "double claim" is a task handed out more than once (for Optuna: an enqueued trial handed to
 more than one ask()). "Longest wait" is the longest single claim()/ask() call, the time one
@@ -39,17 +44,24 @@ from hparray.tasks import TaskOutcome, TaskSpec
 JOIN_TIMEOUT_S = 600.0
 # Table sizes: the first row of each backend uses these; later rows are sized from the rate the
 # backend just showed, so that every row runs about --target-s on a fast or a loaded machine.
-FIRST_TASKS = {"hparray-wal": 300, "hparray-rollback": 100, "hparray-pg": 300, "raw-rollback": 100, "optuna": 30}
+FIRST_TASKS = {"hparray-wal": 300, "hparray-rollback": 100, "hparray-pg": 300, "raw-rollback": 100, "optuna": 30,
+               "hparray-rollback-nolock": 100}
+TASKS_PER_WORKER = {"optuna": 1}  # at least this many tasks per worker, so that every worker can get some
+DEFAULT_PER_WORKER = 2
 TASK_LIMITS = {"optuna": (20, 400)}
 DEFAULT_LIMITS = (50, 5000)
-ALL_BACKENDS = ("hparray-wal", "hparray-rollback", "hparray-pg", "raw-rollback", "optuna")
+# Run order within each process count: the rollback rows that the acceptance compares run next to each other.
+ALL_BACKENDS = ("hparray-rollback", "raw-rollback", "hparray-rollback-nolock", "hparray-wal", "hparray-pg", "optuna")
 LABELS = {
     "hparray-wal": "hparray sqlite wal",
     "hparray-rollback": "hparray sqlite rollback",
     "hparray-pg": "hparray postgresql",
     "raw-rollback": "raw sqlite3 rollback",
     "optuna": "optuna sqlite (RDBStorage)",
+    "hparray-rollback-nolock": "(hparray rollback, no writer lock)",
 }
+# hparray's rows that the acceptance checks cover; the no-lock row shows what the writer lock buys.
+OURS = ("hparray-wal", "hparray-rollback", "hparray-pg")
 # The floor's finish: the one write a completion needs (hparray's also records result and attempt rows).
 RAW_FINISH = ("UPDATE tasks SET status = 'done', lease = NULL, finished_at = :now "
               "WHERE id = :task_id AND lease = :lease AND status = 'running'")
@@ -69,10 +81,12 @@ class WorkerLog:
 
 @dataclass
 class Row:
+    key: str
     backend: str
     procs: int
     tasks: int
     done: int
+    handed_out: int
     wall_s: float
     tasks_per_s: float
     p50_ms: float
@@ -82,6 +96,8 @@ class Row:
     double_claims: int
     lost_finishes: int
     errors: list[str]
+    runs: int = 1
+    latencies_s: list[float] = field(default_factory=list, repr=False)
 
 
 # ---------------------------------------------------------------- databases
@@ -121,6 +137,7 @@ def count_done(url: str) -> int:
 def hparray_worker(url: str, barrier: Any, log: WorkerLog) -> None:
     store = Store.open(url, create=False)
     worker_id = f"bench-{log.index}"
+    store.register_worker(worker_id, "bench", os.getpid(), time.time())
     barrier.wait()
     outcome = TaskOutcome(status="done")
     while True:
@@ -174,14 +191,15 @@ def optuna_worker(url: str, barrier: Any, log: WorkerLog, n: int) -> None:
         if trial.number >= n:  # not an enqueued trial: the queue is empty, so Optuna sampled a new one
             try:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
                 pass
             break
         log.tasks.append(trial.number)  # enqueued in order: trial i carries params {"task": i}
         try:
             trial.suggest_int("task", 0, n - 1)  # what an objective would read: the enqueued value
             study.tell(trial, 0.0)
-        except optuna.exceptions.UpdateFinishedTrialError:  # another worker finished the same trial first
+        # Another worker finished the same trial first: Optuna raises one or the other.
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
             log.lost_finishes += 1
     log.end = time.monotonic()
 
@@ -233,7 +251,8 @@ def summarize(backend: str, procs: int, n: int, done: int, wall_s: float, logs: 
     counts = Counter(task for log in logs for task in log.tasks)
     handed_out = sum(len(log.tasks) for log in logs)
     return Row(
-        backend=LABELS[backend], procs=procs, tasks=n, done=done, wall_s=round(wall_s, 3),
+        key=backend, backend=LABELS[backend], procs=procs, tasks=n, done=done, handed_out=handed_out,
+        wall_s=round(wall_s, 3),
         tasks_per_s=round(handed_out / wall_s, 1) if wall_s > 0 else 0.0,
         p50_ms=round(percentile(latencies, 50) * 1e3, 2), p99_ms=round(percentile(latencies, 99) * 1e3, 2),
         longest_wait_s=round(max(latencies, default=0.0), 3),
@@ -241,6 +260,28 @@ def summarize(backend: str, procs: int, n: int, done: int, wall_s: float, logs: 
         double_claims=sum(1 for c in counts.values() if c > 1),
         lost_finishes=sum(log.lost_finishes for log in logs),
         errors=[log.error.strip().splitlines()[-1] for log in logs if log.error][:3],
+        latencies_s=latencies,
+    )
+
+
+def merge(runs: list[Row]) -> Row:
+    """One row from repeated runs of a configuration: rates over the summed time, latency
+    percentiles over every claim, the worst longest wait and the fewest workers with work."""
+    if len(runs) == 1:
+        return runs[0]
+    latencies = [x for r in runs for x in r.latencies_s]
+    wall = sum(r.wall_s for r in runs)
+    handed_out = sum(r.handed_out for r in runs)
+    first = runs[0]
+    return Row(
+        key=first.key, backend=first.backend, procs=first.procs, tasks=sum(r.tasks for r in runs),
+        done=sum(r.done for r in runs), handed_out=handed_out, wall_s=round(wall, 3),
+        tasks_per_s=round(handed_out / wall, 1) if wall else 0.0,
+        p50_ms=round(percentile(latencies, 50) * 1e3, 2), p99_ms=round(percentile(latencies, 99) * 1e3, 2),
+        longest_wait_s=max(r.longest_wait_s for r in runs),
+        workers_with_work=min(r.workers_with_work for r in runs),
+        double_claims=sum(r.double_claims for r in runs), lost_finishes=sum(r.lost_finishes for r in runs),
+        errors=[e for r in runs for e in r.errors][:3], runs=len(runs), latencies_s=latencies,
     )
 
 
@@ -262,22 +303,26 @@ def patched_env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def table_size(backend: str, fixed: int | None, previous: Row | None, target_s: float) -> int:
-    """Rows to put in the table: fixed if asked, else enough for ~target_s at the last rate seen."""
+def table_size(backend: str, procs: int, fixed: int | None, previous: Row | None, target_s: float) -> int:
+    """Rows to put in the table: fixed if asked, else enough for ~target_s at the last rate seen
+    and at least a few per worker."""
     if fixed:
         return fixed
+    least = TASKS_PER_WORKER.get(backend, DEFAULT_PER_WORKER) * procs
     if previous is None or previous.tasks_per_s <= 0:
-        return FIRST_TASKS[backend]
+        return max(FIRST_TASKS[backend], least)
     low, high = TASK_LIMITS.get(backend, DEFAULT_LIMITS)
-    return int(min(high, max(low, previous.tasks_per_s * target_s)))
+    return int(min(high, max(low, least, previous.tasks_per_s * target_s)))
 
 
 def measure(backend: str, procs: int, n: int, pg: Any, tmp: Path) -> Row:
     work = Path(tempfile.mkdtemp(prefix=f"{backend}-{procs}-", dir=tmp))
     env: dict[str, str] = {}
-    if backend in ("hparray-wal", "hparray-rollback", "raw-rollback"):
+    if backend in ("hparray-wal", "hparray-rollback", "raw-rollback", "hparray-rollback-nolock"):
         # Every Store.open sets the journal mode, so the parent opens with the workers' setting too.
         env["HPARRAY_SQLITE_JOURNAL"] = "wal" if backend == "hparray-wal" else "delete"
+        if backend == "hparray-rollback-nolock":
+            env["HPARRAY_SQLITE_WRITER_LOCK"] = "0"
         url = f"sqlite:///{work / 'bench.db'}"
         with patched_env(env):
             make_hparray_db(url, n)
@@ -311,6 +356,13 @@ def measure(backend: str, procs: int, n: int, pg: Any, tmp: Path) -> Row:
     return summarize(backend, procs, n, done, wall, logs)
 
 
+def _public(row: Row) -> dict[str, Any]:
+    """A row for the JSON file, without its raw latencies."""
+    data = asdict(row)
+    data.pop("latencies_s")
+    return data
+
+
 def start_postgres() -> tuple[Any, str]:
     """The tests' throw-away server (tests/pg.py); (None, why) where there is none."""
     try:
@@ -329,7 +381,7 @@ def start_postgres() -> tuple[Any, str]:
 def acceptance(rows: list[Row]) -> list[dict[str, Any]]:
     """The checks docs/benchmarks.md reports, from the rows of this one run."""
     def get(backend: str, procs: int) -> Row | None:
-        return next((r for r in rows if r.backend == LABELS[backend] and r.procs == procs), None)
+        return next((r for r in rows if r.key == backend and r.procs == procs), None)
 
     checks: list[dict[str, Any]] = []
     rollback, raw, opt = get("hparray-rollback", 32), get("raw-rollback", 32), get("optuna", 32)
@@ -343,7 +395,7 @@ def acceptance(rows: list[Row]) -> list[dict[str, Any]]:
         checks.append({"check": "32 procs: hparray rollback >= 5x Optuna",
                        "value": f"{ratio:.1f}x ({rollback.tasks_per_s} vs {opt.tasks_per_s} tasks/s)",
                        "pass": ratio >= 5})
-    ours = [r for r in rows if r.backend.startswith("hparray")]
+    ours = [r for r in rows if r.key in OURS]
     if ours:
         doubles = sum(r.double_claims + r.lost_finishes + abs(r.tasks - r.done) for r in ours)
         checks.append({"check": "hparray rows: 0 double claims, every task done exactly once",
@@ -366,7 +418,9 @@ def acceptance(rows: list[Row]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--procs", default="1,8,32,64", help="comma-separated worker process counts")
-    parser.add_argument("--target-s", type=float, default=5.0, help="seconds each row should run (sizes the table)")
+    parser.add_argument("--target-s", type=float, default=2.5, help="seconds each run should take (sizes the table)")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="runs per row, in forward then reverse backend order (ABBA), merged into one row")
     parser.add_argument("--tasks", type=int, default=0, help="fixed no-op tasks per hparray/raw row (0: by --target-s)")
     parser.add_argument("--optuna-tasks", type=int, default=0, help="fixed enqueued trials per Optuna row (0: by --target-s)")
     parser.add_argument("--backends", default=",".join(ALL_BACKENDS), help=f"subset of {','.join(ALL_BACKENDS)}")
@@ -384,19 +438,25 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"[yellow]PostgreSQL skipped: {pg_why}[/]")
         backends.remove("hparray-pg")
     rows: list[Row] = []
+    runs: list[Row] = []
     try:
         with tempfile.TemporaryDirectory(prefix="hparray-bench-") as tmp:
-            # Interleave backends within each process count, so load drift hits every row alike.
+            # Backends interleaved within each process count, and repeated in reverse order, so
+            # that drifting load (other users, the disk's fsync latency) hits every row alike.
             for procs in procs_list:
-                for backend in backends:
+                order = [b for i in range(args.repeat) for b in (backends if i % 2 == 0 else backends[::-1])]
+                these: dict[str, list[Row]] = {}
+                for backend in order:
                     fixed = args.optuna_tasks if backend == "optuna" else args.tasks
-                    previous = next((r for r in reversed(rows) if r.backend == LABELS[backend]), None)
-                    n = table_size(backend, fixed, previous, args.target_s)
-                    row = measure(backend, procs, n, pg, Path(tmp))
-                    rows.append(row)
-                    console.print(f"  {row.backend:28s} {procs:3d} procs: {row.tasks_per_s:8.1f} tasks/s, "
-                                  f"longest wait {row.longest_wait_s:.3f} s, {row.workers_with_work}/{procs} "
-                                  f"with work{'  ERRORS: ' + '; '.join(row.errors) if row.errors else ''}")
+                    previous = next((r for r in reversed(runs) if r.key == backend), None)
+                    n = table_size(backend, procs, fixed, previous, args.target_s)
+                    run = measure(backend, procs, n, pg, Path(tmp))
+                    runs.append(run)
+                    these.setdefault(backend, []).append(run)
+                    console.print(f"  {run.backend:36s} {procs:3d} procs: {run.tasks_per_s:8.1f} tasks/s, "
+                                  f"longest wait {run.longest_wait_s:.3f} s, {run.workers_with_work}/{procs} "
+                                  f"with work{'  ERRORS: ' + '; '.join(run.errors) if run.errors else ''}")
+                rows.extend(merge(these[b]) for b in backends)
     finally:
         if pg is not None:
             pg.stop()
@@ -412,9 +472,10 @@ def main(argv: list[str] | None = None) -> None:
         caption=load_line(info)))
     console.print(table("Acceptance (this run)", ["check", "value", "result"],
                         [[c["check"], c["value"], "PASS" if c["pass"] else "FAIL"] for c in checks]))
-    path = write_json(args.out, info, [asdict(r) for r in rows], acceptance=checks,
-                      settings={"target_s": args.target_s, "tasks": args.tasks, "optuna_tasks": args.optuna_tasks,
-                                "procs": procs_list})
+    path = write_json(args.out, info, [_public(r) for r in rows], acceptance=checks,
+                      runs=[_public(r) for r in runs],
+                      settings={"target_s": args.target_s, "repeat": args.repeat, "tasks": args.tasks,
+                                "optuna_tasks": args.optuna_tasks, "procs": procs_list})
     console.print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
 
 

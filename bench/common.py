@@ -22,7 +22,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out"
 
-console = Console(width=None if os.isatty(1) else 150)
+console = Console(width=None if os.isatty(1) else 170)
 
 
 def load_average() -> tuple[float, float, float]:

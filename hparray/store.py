@@ -16,9 +16,11 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import namedtuple
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -63,67 +65,87 @@ _CLAUSES: dict[str, TextClause] = {}
 
 
 class WriterLock:
-    """Serializes the writers of one SQLite file through a blocking `flock` on `<db>-lock`.
+    """Serializes the writers of one SQLite file through a blocking flock() on `<db>-lock`.
 
     SQLite's busy handler sleeps and polls (1, 2, 5 ... 100 ms): under contention a writer that
-    happens to be asleep when the lock frees misses it, again and again, so at 32 processes only
-    a third of them ever got a task and one claim waited for seconds. A process blocked in
-    flock() is woken by the kernel the moment the holder lets go, so waiters take turns promptly.
-    The lock is taken just before BEGIN IMMEDIATE and released after COMMIT/ROLLBACK. It is an
-    optimisation only: SQLite's own lock (and its busy timeout) still guards every write, so
-    a filesystem without working flock (Lustre mounted without -o flock) or a lock file that
-    cannot be opened just disables it, with one warning. The kernel drops a flock when its
-    holder dies, however it dies. A per-process RLock comes first because on NFS flock is
-    emulated with POSIX locks, which belong to the process, not to the thread or descriptor.
+    is asleep when the lock frees misses it, again and again, so with 32 processes only a third
+    of them ever got a task and some claims waited 5-10 s. A process blocked in flock() is woken
+    by the kernel the moment the holder lets go, so every waiter gets its turn within a few
+    rounds. Taken just before BEGIN IMMEDIATE, released after COMMIT or ROLLBACK. (A strict
+    first-come-first-served ticket lock was measured too: it bounds the longest wait better but
+    hands the lock to a sleeping process every time, which halved throughput on a loaded
+    machine, and a queued writer that is stopped would hold up everyone behind it.)
+
+    It only orders writers: SQLite's own lock and busy timeout still guard every write. Where
+    flock fails (Lustre mounted without -o flock, a lock file that cannot be created) it is
+    switched off with one warning; HPARRAY_SQLITE_WRITER_LOCK=0 switches it off by hand. The
+    kernel drops a flock when its holder dies, however it dies. On NFS flock is emulated with
+    POSIX locks, which belong to the process, not to the descriptor, so there is one WriterLock
+    per file per process (`for_database`), entered by one thread at a time (the RLock).
     """
 
     def __init__(self, path: Path):
         self.path = path
-        self.enabled = True
-        self._pid = os.getpid()
-        self._thread_lock = threading.RLock()
+        self.enabled = os.environ.get("HPARRAY_SQLITE_WRITER_LOCK", "1") != "0"
+        self._pid = -1
         self._fd: int | None = None
+        self._thread_lock = threading.RLock()
         self._depth = 0
+
+    @classmethod
+    def for_database(cls, database: Path) -> WriterLock:
+        """The process's one lock for this database file."""
+        resolved = database.resolve()
+        path = resolved.with_name(resolved.name + "-lock")
+        return _WRITER_LOCKS.setdefault(str(path), cls(path))
 
     @contextmanager
     def held(self) -> Iterator[None]:
         if not self.enabled:
             yield
             return
-        if self._pid != os.getpid():  # forked while another thread may have held it
-            self._pid, self._thread_lock, self._fd, self._depth = os.getpid(), threading.RLock(), None, 0
+        if self._pid != os.getpid():
+            # First use, or a forked child: its copy of the descriptor shares the parent's flock,
+            # and the RLock may have been held by a thread that does not exist here.
+            if self._fd is not None:
+                os.close(self._fd)
+            self._pid, self._fd, self._thread_lock, self._depth = os.getpid(), None, threading.RLock(), 0
         with self._thread_lock:
-            if self._depth == 0:
-                self._fd = self._acquire()
+            locked = self._depth > 0 or self._lock()
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
-                if self._depth == 0 and self._fd is not None:
-                    os.close(self._fd)  # closing the descriptor releases the flock
-                    self._fd = None
+                if self._depth == 0 and locked and self._fd is not None:
+                    try:
+                        fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    except OSError as err:
+                        self._disable(err)
 
-    def _acquire(self) -> int | None:
+    def _lock(self) -> bool:
         try:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            except PermissionError:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            return True
         except OSError as err:
             self._disable(err)
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as err:
-            os.close(fd)
-            self._disable(err)
-            return None
-        return fd
+            return False
 
     def _disable(self, err: OSError) -> None:
         self.enabled = False
+        if self._fd is not None:
+            try:  # explicitly: a forked child may still hold a copy of the descriptor
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
         log.warning("cannot flock %s (%s): writers fall back to SQLite's busy handler alone", self.path, err)
+
+
+_WRITER_LOCKS: dict[str, WriterLock] = {}
 
 
 @dataclass(frozen=True)
@@ -243,10 +265,10 @@ class Store:
             # Writers take the lock up front: a deferred transaction that upgrades to a write
             # fails with SQLITE_BUSY without ever waiting on busy_timeout.
             mode = "BEGIN" if conn.get_execution_options().get("readonly") else "BEGIN IMMEDIATE"
-            conn.exec_driver_sql(mode)
+            conn.connection.driver_connection.execute(mode)  # straight to sqlite3, as in _run
 
         store = cls(engine, url)
-        store.writer_lock = WriterLock(path.with_name(path.name + "-lock"))
+        store.writer_lock = WriterLock.for_database(path)
         store.filesystem = filesystem_type(path.parent)
         store._choose_journal_mode(path)
         return store
@@ -327,6 +349,8 @@ class Store:
             if isinstance(err.orig, sqlite3.DatabaseError) or "connect" in str(err):
                 raise self._translate(err.orig or err) from None
             raise
+        except sqlite3.DatabaseError as err:  # from BEGIN and _run, which go straight to sqlite3
+            raise self._translate(err) from None
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -335,9 +359,17 @@ class Store:
                 yield conn
         except exc.OperationalError as err:
             raise self._translate(err.orig or err) from None
+        except sqlite3.OperationalError as err:  # from BEGIN, which goes straight to sqlite3
+            raise self._translate(err) from None
 
     def _run(self, conn: Connection, name: str, params: dict[str, Any] | None = None) -> Any:
         key = f"{name}.{self.dialect}"
+        if self.dialect == "sqlite" and not conn.get_execution_options().get("readonly"):
+            # Inside a write transaction on SQLite the statement goes straight to the sqlite3
+            # cursor: SQLAlchemy's execution and result machinery cost ~100 us a statement, over
+            # two thirds of a claim's CPU, and every microsecond of it is spent holding the lock.
+            sql = QUERIES.get(key) or QUERIES[name]
+            return _SqliteResult(conn.connection.driver_connection.execute(sql, params or {}))
         clause = _CLAUSES.get(key)
         if clause is None:
             clause = _CLAUSES[key] = text(QUERIES.get(key) or QUERIES[name])
@@ -562,6 +594,41 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+class _SqliteResult:
+    """What the write path reads from a statement (first, one, scalar, rowcount, lastrowid, rows
+    with attributes), fetched at once from a sqlite3 cursor so that the statement is finished."""
+
+    def __init__(self, cursor: sqlite3.Cursor):
+        names = tuple(column[0] for column in cursor.description or ())
+        data = cursor.fetchall() if names else []
+        self.rowcount = cursor.rowcount
+        self.lastrowid = cursor.lastrowid
+        row = _row_type(names) if names else tuple
+        self.rows = [row(*values) for values in data]
+
+    def first(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def one(self) -> Any:
+        if len(self.rows) != 1:
+            raise exc.NoResultFound("no row") if not self.rows else exc.MultipleResultsFound("several rows")
+        return self.rows[0]
+
+    def scalar(self) -> Any:
+        return self.rows[0][0] if self.rows else None
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+
+@lru_cache(maxsize=256)
+def _row_type(names: tuple[str, ...]) -> Any:
+    return namedtuple("Row", names, rename=True)  # type: ignore[misc]
 
 
 def _refuse_inherited_connections(engine: Engine) -> None:

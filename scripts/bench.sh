@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every benchmark, one after the other (`make bench`): tables on stdout, JSON in bench/out/.
+# On a shared machine compare rows of one run only; the JSON files record the load average.
+# Takes about 10 minutes on 2 cores. BENCH_QUICK=1 runs small sizes (a minute or two) to check
+# that everything works.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-.venv/bin/python}"
+export PYTHONUNBUFFERED=1
+# The tiny model on a few shared cores: one thread per process keeps the timings steady.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+
+if ! "$PY" -c "import optuna" 2>/dev/null; then
+  echo "optuna is missing: $PY -m pip install -e '.[bench]'" >&2
+  exit 1
+fi
+
+if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
+  claims=(--procs 1,8 --target-s 1)
+  overhead=(--videos 1 --steps 2 --no-360p)
+  resident=(--tasks 2 --steps 2)
+else
+  claims=()
+  overhead=()
+  resident=()
+fi
+
+started=$(date +%s)
+echo "== load: $(uptime)"
+echo "== planned work (bench/bench_plan.py)"
+"$PY" -m bench.bench_plan
+echo "== claim throughput (bench/bench_claims.py)"
+"$PY" -m bench.bench_claims "${claims[@]}"
+echo "== orchestration overhead (bench/bench_overhead.py)"
+"$PY" -m bench.bench_overhead "${overhead[@]}"
+echo "== resident model vs one process per task (bench/bench_resident.py)"
+"$PY" -m bench.bench_resident "${resident[@]}"
+echo "== done in $(( $(date +%s) - started )) s; results in bench/out/; load: $(uptime)"
