@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs per row, in forward then reverse backend order (ABBA), merged into one row")
     parser.add_argument("--tasks", type=int, default=0, help="fixed no-op tasks per hparray/raw row (0: by --target-s)")
-    parser.add_argument("--optuna-tasks", type=int, default=0, help="fixed enqueued trials per Optuna row (0: by --target-s)")
+    parser.add_argument("--optuna-tasks", type=int, default=0,
+                        help="fixed enqueued trials per Optuna row (0: by --target-s)")
     parser.add_argument("--backends", default=",".join(ALL_BACKENDS), help=f"subset of {','.join(ALL_BACKENDS)}")
     parser.add_argument("--out", default="claims", help="bench/out/<name>.json")
     args = parser.parse_args(argv)

@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         ["total: what a 5-minute task is lengthened by", f"{total_ms:.0f} ms", f"{x['share_5min']:.3%} of 300 s"],
         ["  of which the store (claim, check, finish, reap, heartbeats)",
          f"{store_ms + beats_5min * beat_cpu_ms:.0f} ms", f"{x['store_share_5min']:.3%} of 300 s"],
-        ["upper bound: heartbeats at their full wall time", f"{upper_ms:.0f} ms", f"{x['share_5min_upper']:.3%} of 300 s"],
+        ["upper bound: heartbeats at their full wall time", f"{upper_ms:.0f} ms",
+         f"{x['share_5min_upper']:.3%} of 300 s"],
     ]
     if big:
         lines.append(["with 49x360x640 artifacts instead", f"{(total_ms - mean['artifacts_ms']) + big[0] * 1e3:.0f} ms",

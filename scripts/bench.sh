@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark, one after the other (`make bench`): tables on stdout, JSON in bench/out/.
 # On a shared machine compare rows of one run only; the JSON files record the load average.
-# Takes about 10 minutes on 2 cores. BENCH_QUICK=1 runs small sizes (a minute or two) to check
+# Takes 7 minutes on 2 quiet cores, 10 when busy. BENCH_QUICK=1 runs small sizes (2-3 minutes) to check
 # that everything works.
 set -euo pipefail
 cd "$(dirname "$0")/.."
