@@ -118,7 +118,7 @@ def plan(ctx: Context, which: str, dry_run: bool) -> None:
     is one set of rows, and the un-fine-tuned inference is one row per (video,
     condition_frames). Planning again adds only what is missing and never touches finished rows.
     """
-    from hparray.plan import build_plan, select_videos
+    from hparray.plan import build_plan, model_description, select_videos
 
     sweep = ctx.sweep()
     searches = sweep.select(which)
@@ -148,6 +148,7 @@ def plan(ctx: Context, which: str, dry_run: bool) -> None:
     categories = Counter(v.category for v in videos)
     console.print(f"videos: {len(videos)} from {sweep.settings.data.source!r} "
                   f"({', '.join(f'{k} {n}' for k, n in sorted(categories.items()))})")
+    console.print(f"model: {model_description(sweep.settings)}")
     kinds = Counter(t.kind for t in result.tasks)
     console.print(f"rows: {len(result.tasks)} ({kinds['finetune']} fine-tune, {kinds['baseline']} baseline inference) "
                   f"for {len(searches)} search(es)")
@@ -496,7 +497,7 @@ def render_report(r: Report) -> list[object]:
         table.add_column("config", no_wrap=True)
         table.add_column("videos", justify="right", no_wrap=True)
         for metric in r.metrics:
-            table.add_column(f"{METRIC_LABELS[metric]}\n{escape('[95% CI]')}\nΔ base, p, better", justify="right",
+            table.add_column(f"{METRIC_LABELS[metric]}\n{escape('[95% CI]')}\nΔ base {escape('[95% CI]')}, p, better", justify="right",
                              no_wrap=True)
         table.add_column("div/fail", justify="right")
         table.add_column("GPU-h", justify="right")
@@ -514,7 +515,9 @@ def render_report(r: Report) -> list[object]:
                     cell += "\n" + escape(f"[{fmt_metric(e.ci_low, metric)}, {fmt_metric(e.ci_high, metric)}]")
                 cmp = c.vs_baseline.get(metric)
                 if cmp is not None and cmp.mean_diff is not None and not c.is_baseline:
-                    cell += f"\n[dim]Δ{cmp.mean_diff:+.2g} p={fmt_p(cmp.p_value)} {cmp.improved}/{cmp.pairs}[/]"
+                    paired_ci = ("" if cmp.ci_low is None else
+                                 " " + escape(f"[{cmp.ci_low:+.2g}, {cmp.ci_high:+.2g}]"))
+                    cell += f"\n[dim]Δ{cmp.mean_diff:+.2g}{paired_ci} p={fmt_p(cmp.p_value)} {cmp.improved}/{cmp.pairs}[/]"
                 cells.append(cell)
             cells += [f"{c.rows['diverged']}/{_red(c.rows['failed'])}", f"{c.gpu_hours:.3f}"]
             table.add_row(*cells)
@@ -530,6 +533,7 @@ def render_report(r: Report) -> list[object]:
     if not r.searches:
         parts.append("no fine-tune rows yet: run `hparray plan --search lr` and `hparray submit` first")
     parts.append(f"{r.gpu_hours:.2f} GPU-hours in {r.rows['total']} rows | * baseline config, ★ best mean | "
+                 "Δ base: mean per-video difference from the baseline config, with its paired bootstrap CI | "
                  "p: two-sided Wilcoxon signed-rank test of the per-video differences")
     folder = r.files["html"].parent
     parts.append(f"wrote {folder}/: report.html, summary.json, progress.json, per_video.csv, "

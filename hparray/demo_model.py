@@ -9,7 +9,9 @@ seeds and photos the sample set does not use, so the sample set stays held out:
 2. the transformer, on the flow-matching loss the runner fine-tunes with
    (`flow_matching_loss`), on the VAE's latents of whole videos, each batch conditioned on a
    random number of leading frames laid out exactly as the pipeline lays out its conditions
-   (`layout_tokens`), so conditioned generation is what it learns.
+   (`layout_tokens`), so conditioned generation is what it learns;
+3. a re-parametrisation that gives the tiny transformer a large model's sensitivity to the
+   fine-tuning learning rate (`reparametrize` says why and how).
 
 Every random draw comes from generators seeded by `TrainConfig.seed` in a fixed order, and
 training runs on a fixed number of CPU threads, so the same settings, torch build and CPU give
@@ -47,7 +49,13 @@ from hparray.runners.ltx import (
     layout_tokens,
     sampler_sigmas,
 )
-from hparray.sample_videos import CATEGORIES, VIDEOS_PER_CATEGORY, generate_video, photo_for
+from hparray.sample_videos import (
+    CATEGORIES,
+    PHOTOS,
+    VIDEOS_PER_CATEGORY,
+    generate_video,
+    photo_for,
+)
 from hparray.videos import _fit, _to_rgb01
 
 if TYPE_CHECKING:
@@ -56,7 +64,7 @@ if TYPE_CHECKING:
 TRAIN_SEED_BASE = 1000
 """Training videos use seeds from here on; the sample set uses 0..27."""
 
-TRAIN_PHOTO_INDICES = tuple(range(VIDEOS_PER_CATEGORY, 20))
+TRAIN_PHOTO_INDICES = tuple(range(VIDEOS_PER_CATEGORY, len(PHOTOS)))
 """Photo indices per category that the sample set's videos of that category do not show."""
 
 _VERSIONED = ("torch", "diffusers", "numpy", "scikit-image", "safetensors")
@@ -78,7 +86,8 @@ class TrainConfig:
     transformer_steps: int = 1200
     transformer_batch: int = 4
     transformer_lr: float = 1e-3
-    stream_scale: float = 1.0
+    reparam_scale: float = 1 / 256
+    reparam_steps: int = 150
     max_condition_frames: int = 45
     inference_steps: int = 8
     frame_rate: int = 25
@@ -269,17 +278,40 @@ def train_transformer(
     import torch
 
     transformer = pipe.transformer
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.transformer_lr)
     gen = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 3)
+    loss = _flow_matching_steps(
+        pipe, video_latents, frame_latents, cfg, optimizer, gen,
+        Progress("transformer", cfg.transformer_steps, cfg.transformer_steps // 40, out),
+        peak_lr=cfg.transformer_lr, clip=True,
+    )
+    return {"transformer_flow_matching": loss}
+
+
+def _flow_matching_steps(
+    pipe: Any,
+    video_latents: torch.Tensor,
+    frame_latents: torch.Tensor,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    gen: torch.Generator,
+    progress: Progress,
+    peak_lr: float,
+    clip: bool,
+) -> float:
+    """`progress.total` optimizer steps; returns the loss's moving average at the end. A param
+    group's optional "lr_scale" multiplies the scheduled learning rate."""
+    import torch
+
+    transformer = pipe.transformer
     sampler = sampler_sigmas(pipe, cfg.inference_steps)
     ratio = pipe.vae_temporal_compression_ratio
     _, _, latent_frames, latent_h, latent_w = video_latents.shape
     per_frame = latent_h * latent_w
     max_condition = min(cfg.max_condition_frames, (latent_frames - 1) * ratio)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.transformer_lr)
     transformer.train()
-    progress = Progress("transformer", cfg.transformer_steps, max(1, cfg.transformer_steps // 40), out)
     ema = float("nan")
-    for step in range(cfg.transformer_steps):
+    for step in range(progress.total):
         condition = int(torch.randint(1, max_condition + 1, (1,), generator=gen))
         picks = torch.randint(0, len(video_latents), (cfg.transformer_batch,), generator=gen)
         plan = conditioning_plan(condition, ratio)
@@ -295,49 +327,81 @@ def train_transformer(
         coin = torch.rand(cfg.transformer_batch, generator=gen) < 0.5
         sigma = torch.where(coin, visited, uniform)
         noise = torch.randn(clean.shape, generator=gen)
+        lr = _schedule(step, progress.total, peak_lr)
         for group in optimizer.param_groups:
-            group["lr"] = _schedule(step, cfg.transformer_steps, cfg.transformer_lr)
+            group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
         loss = flow_matching_loss(transformer, clean, noise, sigma, is_clean, coords)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
         value = loss.item()
         ema = value if math.isnan(ema) else 0.98 * ema + 0.02 * value
         progress.update(step + 1, f"loss {ema:.4f}")
     transformer.eval()
-    return {"transformer_flow_matching": ema}
+    return ema
 
 
-def stream_writers(transformer: Any) -> list[Any]:
-    """The linear layers whose outputs are added into the transformer's residual stream."""
+def normalised_outputs(transformer: Any) -> list[Any]:
+    """Linear layers whose outputs are normalised before anything reads them: the writers of
+    the residual stream (every reader of the stream normalises it; the cross-attention to the
+    one-token empty prompt adds a constant) and the self-attentions' query and key projections
+    (RMS-normalised before the dot product)."""
     layers = [transformer.proj_in]
     for block in transformer.transformer_blocks:
         layers += [block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[2]]
+        layers += [block.attn1.to_q, block.attn1.to_k]
     return layers
 
 
-def rescale_stream(transformer: Any, scale: float) -> None:
-    """Store the residual stream `scale` times smaller: the same function, a different
-    sensitivity to fine-tuning.
+def reparametrize(
+    pipe: Any,
+    video_latents: torch.Tensor,
+    frame_latents: torch.Tensor,
+    cfg: TrainConfig,
+    out: Callable[[str], None],
+) -> dict[str, float]:
+    """Store the `normalised_outputs` layers `cfg.reparam_scale` times smaller, then train
+    `cfg.reparam_steps` more steps in that parametrisation (at a `reparam_scale` times smaller
+    learning rate for those layers).
 
-    Every reader of the stream normalises it first (the blocks' RMSNorms, with a negligible
-    epsilon, and the final LayerNorm) and the cross-attention to the one-token empty prompt
-    adds a constant, so multiplying every writer's weights and biases by `scale` leaves the
-    model's output unchanged (up to the final LayerNorm's fixed epsilon). What changes is what
-    an Adam step does: it moves each weight by about the learning rate whatever its size, so
-    on weights `scale` times smaller it acts like a `1/scale` times larger step. A 96-wide
-    model shrugs off learning rates that harm a 2048-wide one, whose steps add up over 20x more
-    inputs; this is how the demo model gets a large model's sensitivity within the demo's
-    learning-rate range. It is the same as having trained those layers from a `scale` times
-    smaller initialisation at a `scale` times smaller learning rate.
+    Why: Adam moves every weight by about the learning rate whatever its size, so fine-tuning
+    a weight stored 256 times smaller is like fine-tuning the original at a 256 times larger
+    learning rate. A 96-wide model shrugs off learning rates that damage a 2048-wide one (whose
+    updates add up over 20 times more inputs), so without this the demo's learning rates would
+    all score alike. As the next layer normalises these outputs, their scale does not change
+    what the model computes, except through the normalisations' fixed epsilons
+    (LayerNorm 1e-6, query/key RMSNorm 1e-5); the extra steps absorb that. The whole is the
+    same as having trained those layers from a smaller initialisation at a smaller rate.
     """
     import torch
 
+    transformer = pipe.transformer
+    small = normalised_outputs(transformer)
+    small_params = {id(p) for layer in small for p in (layer.weight, layer.bias)}
     with torch.no_grad():
-        for layer in stream_writers(transformer):
-            layer.weight.mul_(scale)
-            layer.bias.mul_(scale)
+        for layer in small:
+            layer.weight.mul_(cfg.reparam_scale)
+            layer.bias.mul_(cfg.reparam_scale)
+    if cfg.reparam_steps <= 0:
+        return {}
+    peak = cfg.transformer_lr * 0.1  # where the main schedule ended
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in transformer.parameters() if id(p) in small_params],
+             "lr_scale": cfg.reparam_scale},
+            {"params": [p for p in transformer.parameters() if id(p) not in small_params]},
+        ],
+        lr=peak,
+    )
+    gen = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 4)
+    loss = _flow_matching_steps(
+        pipe, video_latents, frame_latents, cfg, optimizer, gen,
+        Progress("reparametrised", cfg.reparam_steps, cfg.reparam_steps // 10, out),
+        peak_lr=peak, clip=False,
+    )
+    return {"reparametrised_flow_matching": loss}
 
 
 def train(
@@ -386,7 +450,8 @@ def _train(
 
     mark = time.perf_counter()
     losses |= train_transformer(pipe, video_latents, frame_latents, cfg, out)
-    rescale_stream(pipe.transformer, cfg.stream_scale)
+    if cfg.reparam_scale != 1.0:
+        losses |= reparametrize(pipe, video_latents, frame_latents, cfg, out)
     timings["transformer_s"] = time.perf_counter() - mark
     timings["wall_s"] = time.perf_counter() - started
     timings["cpu_s"] = time.process_time() - cpu_started

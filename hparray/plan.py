@@ -16,6 +16,7 @@ from typing import Any
 
 from hparray.config import Search, Settings, SweepConfig, format_value
 from hparray.runner import Hyperparams
+from hparray.runners.ltx import builtin_model_id
 from hparray.tasks import TaskSpec
 from hparray.videos import VideoRef, check_videos, list_videos, stratified_sample
 
@@ -82,8 +83,23 @@ def config_hash(kind: str, hp: Hyperparams, settings: Settings) -> tuple[str, di
                               "experiment": settings.experiment_fingerprint()}
     if kind == "finetune":
         params.update(lr=hp.lr, finetune_steps=hp.finetune_steps)
+    if settings.runner["name"] == "ltx" and settings.model.get("path") is None:
+        params["builtin_model"] = builtin_model_id()
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     return digest, params
+
+
+def model_description(settings: Settings) -> str:
+    """One line naming the model the rows will run, for the plan shown before GPU time is spent."""
+    runner = settings.runner["name"]
+    if runner != "ltx":
+        return f"runner {runner}"
+    if settings.model.get("path") is not None:
+        return f"runner ltx, model.path {settings.model['path']}"
+    ident = builtin_model_id()
+    if ident.startswith("random-init"):
+        return "runner ltx, built-in tiny model with seeded random weights (no trained weights here)"
+    return f"runner ltx, built-in tiny model trained on procedural videos (weights {ident})"
 
 
 def video_seed(name: str) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark, one after the other (`make bench`): tables on stdout, JSON in bench/out/.
 # On a shared machine compare rows of one run only; the JSON files record the load average.
-# Takes 7 minutes on 2 quiet cores, 10 when busy. BENCH_QUICK=1 runs small sizes (2-3 minutes) to check
+# Takes about 15 minutes on 2 quiet cores (the demo model's 20 videos x 8 arms are half of it). BENCH_QUICK=1 runs small sizes (2-3 minutes) to check
 # that everything works.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,10 +19,12 @@ if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
   claims=(--procs 1,8 --target-s 1)
   overhead=(--videos 1 --steps 2 --no-360p)
   resident=(--tasks 2 --steps 2)
+  demo_model=(--videos 4 --lrs 1e-6,1e-4)
 else
   claims=()
   overhead=()
   resident=()
+  demo_model=()
 fi
 
 started=$(date +%s)
@@ -35,4 +37,6 @@ echo "== orchestration overhead (bench/bench_overhead.py)"
 "$PY" -m bench.bench_overhead "${overhead[@]}"
 echo "== resident model vs one process per task (bench/bench_resident.py)"
 "$PY" -m bench.bench_resident "${resident[@]}"
+echo "== the shipped demo model on held-out videos (bench/bench_demo_model.py)"
+"$PY" -m bench.bench_demo_model "${demo_model[@]}"
 echo "== done in $(( $(date +%s) - started )) s; results in bench/out/; load: $(uptime)"

@@ -8,6 +8,7 @@ gives bit-identical output whatever ran before.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -150,6 +151,18 @@ def build_tiny_pipeline(weights_dir: Path | None, seed: int = TINY_SEED) -> LTXC
             transformer=transformer,
         )
     )
+
+
+@functools.cache
+def builtin_model_id() -> str:
+    """Which model `model.path: null` means in this checkout: a digest of the shipped weights'
+    sha256s, or "random-init". Config hashes include it, so retrained weights never reuse
+    results of the old ones."""
+    try:
+        files = json.loads((DEMO_WEIGHTS_DIR / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"random-init-{TINY_SEED}"
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def file_sha256(path: Path) -> str:

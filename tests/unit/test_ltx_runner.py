@@ -11,6 +11,7 @@ import torch
 from hparray.errors import ConfigError, RunnerError
 from hparray.runner import Clip, Generation, Hyperparams, runner_class
 from hparray.runners.ltx import (
+    DEMO_WEIGHTS_DIR,
     LTXRunner,
     build_tiny_pipeline,
     conditioning_plan,
@@ -199,7 +200,9 @@ def test_bad_clips_and_settings_are_refused(runner: LTXRunner) -> None:
 
 
 def test_a_saved_checkpoint_loads_through_model_path(tmp_path: Path) -> None:
-    build_tiny_pipeline(None).save_pretrained(tmp_path)
+    """`model.path` loads a diffusers folder (no manifest needed): the shipped weights saved
+    again give exactly the default built-in model's output."""
+    build_tiny_pipeline(DEMO_WEIGHTS_DIR).save_pretrained(tmp_path)
     from_path = LTXRunner({}, {**MODEL, "path": str(tmp_path)}, "cpu")
     built = LTXRunner({}, MODEL, "cpu")
     clip = make_clip()

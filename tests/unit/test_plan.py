@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from hparray.config import load_sweep
@@ -72,3 +73,24 @@ def test_videos_are_ordered_video_major_for_comparable_partial_results() -> None
     plan = build_plan(load_sweep(REPO_CONFIGS), "lr", VIDEOS)
     finetunes = [t for t in plan.tasks if t.kind == "finetune"]
     assert [t.video for t in finetunes[:5]] == ["v00"] * 5
+
+
+def test_hash_names_the_built_in_weights(tmp_path: Path, monkeypatch) -> None:
+    """Retrained built-in weights are another experiment: their rows must not reuse old results."""
+    from hparray.runners import ltx
+
+    settings = load_sweep(REPO_CONFIGS).settings
+    hp = Hyperparams(lr=1e-5, condition_frames=22, finetune_steps=20)
+    shipped, params = config_hash("finetune", hp, settings)
+    assert params["builtin_model"] == ltx.builtin_model_id() != "random-init-0"
+    monkeypatch.setattr(ltx, "DEMO_WEIGHTS_DIR", tmp_path / "no-weights")
+    ltx.builtin_model_id.cache_clear()
+    try:
+        other, params = config_hash("finetune", hp, settings)
+        assert params["builtin_model"] == "random-init-0" and other != shipped
+    finally:
+        monkeypatch.undo()
+        ltx.builtin_model_id.cache_clear()
+    # A checkpoint of one's own (model.path) is named by the path, not by the shipped weights.
+    own = replace(settings, model={**settings.model, "path": "/models/ltx"})
+    assert "builtin_model" not in config_hash("finetune", hp, own)[1]
