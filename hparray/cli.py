@@ -497,7 +497,7 @@ def render_report(r: Report) -> list[object]:
         table.add_column("config", no_wrap=True)
         table.add_column("videos", justify="right", no_wrap=True)
         for metric in r.metrics:
-            table.add_column(f"{METRIC_LABELS[metric]}\n{escape('[95% CI]')}\nΔ base {escape('[95% CI]')}, p, better", justify="right",
+            table.add_column(f"{METRIC_LABELS[metric]}\n{escape('[95% CI]')}\nΔ base {escape('[95% CI]')}\np, better", justify="right",
                              no_wrap=True)
         table.add_column("div/fail", justify="right")
         table.add_column("GPU-h", justify="right")
@@ -517,7 +517,8 @@ def render_report(r: Report) -> list[object]:
                 if cmp is not None and cmp.mean_diff is not None and not c.is_baseline:
                     paired_ci = ("" if cmp.ci_low is None else
                                  " " + escape(f"[{cmp.ci_low:+.2g}, {cmp.ci_high:+.2g}]"))
-                    cell += f"\n[dim]Δ{cmp.mean_diff:+.2g}{paired_ci} p={fmt_p(cmp.p_value)} {cmp.improved}/{cmp.pairs}[/]"
+                    cell += (f"\n[dim]Δ{cmp.mean_diff:+.2g}{paired_ci}\n"
+                             f"p={fmt_p(cmp.p_value)} {cmp.improved}/{cmp.pairs}[/]")
                 cells.append(cell)
             cells += [f"{c.rows['diverged']}/{_red(c.rows['failed'])}", f"{c.gpu_hours:.3f}"]
             table.add_row(*cells)
