@@ -26,7 +26,7 @@ from bench.common import REPO, console, load_line, machine, table, write_json
 from hparray.config import load_settings, load_sweep
 from hparray.metrics import Scorer, lpips_weights_status, trivial_prediction
 from hparray.plan import select_videos, task_seed, video_seed
-from hparray.report import HIGHER_IS_BETTER, bootstrap_ci, estimate
+from hparray.report import compare, estimate
 from hparray.runner import Clip, Generation, Hyperparams
 from hparray.runners.ltx import DEMO_WEIGHTS_DIR, MANIFEST, LTXRunner, build_tiny_pipeline
 from hparray.videos import read_video
@@ -44,28 +44,29 @@ def _runner(settings: Any, path: str | None) -> LTXRunner:
     return runner
 
 
+def _by_video(scores: dict[str, dict[str, dict[str, float]]], arm: str, metric: str) -> dict[str, float]:
+    return {video: s[metric] for video, s in scores.get(arm, {}).items()}
+
+
 def _summary(scores: dict[str, dict[str, dict[str, float]]], metrics: list[str]) -> dict[str, Any]:
-    """Per arm and metric: mean with CI, and the paired difference from the un-fine-tuned model."""
+    """Per arm and metric: mean with CI, and the paired difference from the un-fine-tuned model,
+    computed exactly as `hparray report` computes them."""
     out: dict[str, Any] = {}
-    reference = scores.get(NO_FINETUNE, {})
-    for arm, by_video in scores.items():
+    for arm in scores:
         out[arm] = {}
         for metric in metrics:
-            values = {video: s[metric] for video, s in by_video.items()}
+            values = _by_video(scores, arm, metric)
             est = estimate(values)
             entry: dict[str, Any] = {
                 "n": est.n, "mean": est.mean, "std": est.std, "ci": [est.ci_low, est.ci_high]
             }
-            shared = sorted(set(values) & set(reference))
-            if arm != NO_FINETUNE and shared:
-                diffs = np.array([values[v] - reference[v][metric] for v in shared])
-                sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-                entry["vs_no_finetune"] = {
-                    "mean_diff": float(diffs.mean()),
-                    "ci": list(bootstrap_ci(diffs) or (None, None)),
-                    "improved": int(np.sum(sign * diffs > 0)),
-                    "worse": int(np.sum(sign * diffs < 0)),
-                }
+            if arm != NO_FINETUNE:
+                cmp = compare(metric, values, _by_video(scores, NO_FINETUNE, metric), NO_FINETUNE)
+                if cmp.pairs:
+                    entry["vs_no_finetune"] = {
+                        "mean_diff": cmp.mean_diff, "ci": [cmp.ci_low, cmp.ci_high], "p": cmp.p_value,
+                        "improved": cmp.improved, "worse": cmp.worse,
+                    }
             out[arm][metric] = entry
     return out
 
@@ -186,20 +187,18 @@ def main(argv: list[str] | None = None) -> None:
     means = {arm: summary[arm]["psnr"]["mean"] for arm in lr_arms if summary[arm]["psnr"]["n"]}
     if len(means) >= 2:
         best, worst = max(means, key=means.__getitem__), min(means, key=means.__getitem__)
-        shared = sorted(set(scores[best]) & set(scores[worst]))
-        diffs = np.array([scores[best][v]["psnr"] - scores[worst][v]["psnr"] for v in shared])
-        paired_ci = bootstrap_ci(diffs)
+        cmp = compare("psnr", _by_video(scores, best, "psnr"), _by_video(scores, worst, "psnr"), worst)
         checks["lr_best_worst"] = [best, worst]
-        checks["lr_best_minus_worst_psnr_db"] = float(diffs.mean())
-        checks["lr_best_minus_worst_paired_ci"] = list(paired_ci or (None, None))
-        checks["lr_best_worst_paired_ci_excludes_0"] = bool(paired_ci and paired_ci[0] > 0)
+        checks["lr_best_minus_worst_psnr_db"] = cmp.mean_diff
+        checks["lr_best_minus_worst_paired_ci"] = [cmp.ci_low, cmp.ci_high]
+        checks["lr_best_worst_paired_ci_excludes_0"] = cmp.ci_low is not None and cmp.ci_low > 0
         checks["lr_best_worst_mean_cis_overlap"] = _overlap(summary, best, worst, "psnr")
         console.print(
-            f"lr search: best {best} minus worst {worst}: {diffs.mean():+.2f} dB PSNR, paired 95% CI "
-            f"[{paired_ci[0]:+.2f}, {paired_ci[1]:+.2f}] (excludes 0: "
+            f"lr search: best {best} minus worst {worst}: {cmp.mean_diff:+.2f} dB PSNR, paired 95% CI "
+            f"[{cmp.ci_low:+.2f}, {cmp.ci_high:+.2f}], Wilcoxon p={cmp.p_value:.2g} (CI excludes 0: "
             f"{checks['lr_best_worst_paired_ci_excludes_0']}); their means' own CIs overlap: "
             f"{checks['lr_best_worst_mean_cis_overlap']}"
-            if paired_ci else f"lr search: best {best}, worst {worst}; too few videos for a CI")
+            if cmp.ci_low is not None else f"lr search: best {best}, worst {worst}; too few videos for a CI")
     path = write_json(
         args.name, info, rows,
         settings={"videos": [v.name for v in videos], "condition_frames": cf, "finetune_steps": steps,

@@ -225,7 +225,7 @@ def submit(ctx: Context, local: bool, workers: int | None, partition: str | None
     sized to the rows left; the script comes from sbatch/worker.sbatch.j2.
     """
     from hparray.doctor import before_submit
-    from hparray.executor import Counts, LocalExecutor, rows_to_run, visible_gpus
+    from hparray.executor import Counts, LocalExecutor, visible_gpus
 
     overrides = slurm.Overrides(partition=partition, time=time_limit, gpus=gpus, sbatch_args=sbatch_args)
     backend = slurm.choose_backend(local=local, dry_run=dry_run, overrides=overrides, throttle=throttle)
@@ -245,12 +245,12 @@ def submit(ctx: Context, local: bool, workers: int | None, partition: str | None
                       "worker(s); nothing started")
         return
     log_dir = settings.output_path() / "logs"
-    todo = rows_to_run(store)
+    before = Counts.read(store)
+    todo = before.to_run
     if todo == 0:
         console.print("nothing to run: every planned row is finished. `hparray status` shows the results.")
         return
     console.print(f"running {todo} rows with {count} local worker(s); logs in {log_dir}; Ctrl-C stops cleanly")
-    before = Counts.read(store)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("sweep", total=todo, detail="")

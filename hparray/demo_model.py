@@ -153,13 +153,17 @@ def _clock(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
+_LR_FLOOR = 0.1
+"""The schedule ends at this fraction of its peak learning rate."""
+
+
 def _schedule(step: int, total: int, peak: float) -> float:
-    """Linear warm-up over 5% of the steps, then cosine decay to a tenth of the peak."""
+    """Linear warm-up over 5% of the steps, then cosine decay to `_LR_FLOOR` of the peak."""
     warmup = max(1, total // 20)
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+    return peak * (_LR_FLOOR + (1.0 - _LR_FLOOR) / 2 * (1.0 + math.cos(math.pi * progress)))
 
 
 def _to_pixels(frames: np.ndarray) -> torch.Tensor:
@@ -386,7 +390,7 @@ def reparametrize(
             layer.bias.mul_(cfg.reparam_scale)
     if cfg.reparam_steps <= 0:
         return {}
-    peak = cfg.transformer_lr * 0.1  # where the main schedule ended
+    peak = cfg.transformer_lr * _LR_FLOOR  # where the main schedule ended
     optimizer = torch.optim.AdamW(
         [
             {"params": [p for p in transformer.parameters() if id(p) in small_params],

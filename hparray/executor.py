@@ -28,17 +28,26 @@ STOP_WAIT_S = 30.0
 
 @dataclass(frozen=True)
 class Counts:
-    """What a progress display needs: rows finished (done, diverged or failed), running, failed."""
+    """Rows by what a local run cares about: finished (done, diverged or failed), running,
+    failed, and runnable (pending and not blocked behind a failed dependency)."""
 
     finished: int
     running: int
     failed: int
+    runnable: int
 
     @classmethod
     def read(cls, store: Store) -> Counts:
         totals = {row.status: row.n for row in store.fetch("task_totals")}
+        blocked = int(store.scalar("blocked_tasks") or 0)
         return cls(finished=sum(totals.get(s, 0) for s in ("done", "diverged", "failed")),
-                   running=totals.get("running", 0), failed=totals.get("failed", 0))
+                   running=totals.get("running", 0), failed=totals.get("failed", 0),
+                   runnable=totals.get("pending", 0) - blocked)
+
+    @property
+    def to_run(self) -> int:
+        """Rows a local run would work through: runnable now, or running (maybe under dead workers)."""
+        return self.runnable + self.running
 
 
 @dataclass
@@ -103,15 +112,10 @@ class LocalExecutor:
         self._worker_of[proc.pid] = worker_id
         self.report.started += 1
 
-    def _finished(self) -> int:
-        return Counts.read(self.store).finished
-
     def _work_left(self) -> bool:
         """Rows a new worker could run now or once their dependency is done. Rows running under
         other workers are theirs: waiting for them here would only spawn idle workers."""
-        totals = {row.status: row.n for row in self.store.fetch("task_totals")}
-        blocked = int(self.store.scalar("blocked_tasks") or 0)
-        return totals.get("pending", 0) - blocked > 0
+        return Counts.read(self.store).runnable > 0
 
     def run(self) -> ExecutorReport:
         """Start the workers and supervise them; returns when they are all gone."""
@@ -138,7 +142,7 @@ class LocalExecutor:
                     if code != 0:  # its row, if any, need not wait out the heartbeat grace
                         self.store.reap(time.time(), self.grace_s, gone_workers=[worker_id])
                     if code != 0 and not self.report.interrupted and self._work_left():
-                        finished = self._finished()
+                        finished = Counts.read(self.store).finished
                         if finished == self._finished_at_last_death:
                             self._deaths_without_progress += 1
                         else:
@@ -182,10 +186,3 @@ class LocalExecutor:
                 proc.kill()
             self.report.exit_codes.append(proc.returncode if proc.returncode is not None else -9)
         self._procs.clear()
-
-
-def rows_to_run(store: Store) -> int:
-    """Rows a local run would work through: pending (not blocked by a dead dependency) and running."""
-    totals = {row.status: row.n for row in store.fetch("task_totals")}
-    blocked = int(store.scalar("blocked_tasks") or 0)
-    return totals.get("pending", 0) - blocked + totals.get("running", 0)

@@ -97,8 +97,8 @@ def model_description(settings: Settings) -> str:
     if settings.model.get("path") is not None:
         return f"runner ltx, model.path {settings.model['path']}"
     ident = builtin_model_id()
-    if ident.startswith("random-init"):
-        return "runner ltx, built-in tiny model with seeded random weights (no trained weights here)"
+    if ident == "missing":
+        return "runner ltx, built-in tiny model: WEIGHTS MISSING (reinstall hparray; workers will refuse to start)"
     return f"runner ltx, built-in tiny model trained on procedural videos (weights {ident})"
 
 

@@ -90,6 +90,14 @@ def test_a_tampered_copy_is_refused(
         LTXRunner({}, MODEL, "cpu").load()
 
 
+def test_missing_weights_are_refused_not_replaced_by_a_random_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ltx, "DEMO_WEIGHTS_DIR", tmp_path / "demo-ltx")
+    with pytest.raises(RunnerError, match="weights are missing from .*reinstall hparray"):
+        LTXRunner({}, MODEL, "cpu").load()
+
+
 def test_trained_model_predicts_held_out_videos_far_better_than_random_init(
     tmp_path: Path,
 ) -> None:

@@ -82,12 +82,12 @@ def test_hash_names_the_built_in_weights(tmp_path: Path, monkeypatch) -> None:
     settings = load_sweep(REPO_CONFIGS).settings
     hp = Hyperparams(lr=1e-5, condition_frames=22, finetune_steps=20)
     shipped, params = config_hash("finetune", hp, settings)
-    assert params["builtin_model"] == ltx.builtin_model_id() != "random-init-0"
+    assert params["builtin_model"] == ltx.builtin_model_id() != "missing"
     monkeypatch.setattr(ltx, "DEMO_WEIGHTS_DIR", tmp_path / "no-weights")
     ltx.builtin_model_id.cache_clear()
     try:
         other, params = config_hash("finetune", hp, settings)
-        assert params["builtin_model"] == "random-init-0" and other != shipped
+        assert params["builtin_model"] == "missing" and other != shipped
     finally:
         monkeypatch.undo()
         ltx.builtin_model_id.cache_clear()
