@@ -48,7 +48,7 @@ _SAMPLE_VALUES: dict[str, Any] = {
 
 def _check_command(command: Any) -> list[str]:
     """`runner.command` as a list of argv templates, or a ConfigError saying what is wrong."""
-    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+    if not isinstance(command, (list, tuple)) or not command or not all(isinstance(a, str) for a in command):
         raise ConfigError(
             "runner.command must be a non-empty list of strings (one per argv element, no shell), "
             'e.g. ["python", "predict.py", "--video", "{video}", "--out", "{output_dir}"]'
