@@ -1,16 +1,17 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Everything else is a step of theirs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test test-fast demo bench system-deps clean
+.PHONY: venv test test-fast lint demo bench system-deps lock wheel clean
 
-$(STAMP): pyproject.toml
+# The tested set: pyproject.toml says what hparray accepts (ranges), constraints.txt what was
+# tested together (torch and torchvision as a pair), so demo and test runs are reproducible.
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch/torchvision are pinned as a pair in pyproject.toml (lpips needs torchvision).
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,test,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -20,8 +21,13 @@ venv: $(STAMP)
 system-deps:
 	bash scripts/install-system-deps.sh
 
-test: venv system-deps
+test: venv system-deps lint
 	$(PY) -m pytest -ra --durations=15
+
+# The linter and the type checker (configured in pyproject.toml); part of `make test`.
+lint: venv
+	$(PY) -m ruff check hparray tests bench scripts
+	$(PY) -m mypy
 
 # Unit tests only: seconds, no services.
 test-fast: venv
@@ -33,5 +39,13 @@ demo: venv
 bench: venv system-deps
 	bash scripts/bench.sh
 
+# The wheel to install elsewhere (sql/, sbatch/ and configs/ inside it): dist/hparray-*.whl
+wheel: venv
+	$(PY) -m pip wheel --no-deps --no-build-isolation -q -w dist .
+
+# After an intended upgrade in the venv: write the tested set back to constraints.txt.
+lock: venv
+	$(PY) -m pip freeze --exclude-editable | grep -vi '^hparray' > constraints.txt
+
 clean:
-	rm -rf $(VENV) results results.db results.db-* test-artifacts bench/out
+	rm -rf $(VENV) results results.db results.db-* test-artifacts bench/out dist

@@ -107,8 +107,8 @@ def hparray_plan(n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], li
     """One config and n videos: n independent no-op rows (no dependencies)."""
     configs = [{"hash": "bench", "kind": "finetune", "lr": 1e-5, "condition_frames": 5, "finetune_steps": 1,
                 "params": "{}"}]
-    videos = [{"name": f"v{i:05d}", "path": f"/bench/v{i:05d}.npy", "category": "bench", "caption": None,
-               "seed": i} for i in range(n)]
+    videos: list[dict[str, Any]] = [{"name": f"v{i:05d}", "path": f"/bench/v{i:05d}.npy", "category": "bench",
+                                     "caption": None, "seed": i} for i in range(n)]
     tasks = [TaskSpec(config_hash="bench", video=v["name"], kind="finetune", priority=1, estimate_s=1.0)
              for v in videos]
     return configs, videos, tasks

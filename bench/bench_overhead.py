@@ -138,8 +138,9 @@ def run_sweep(root: Path, videos: int, steps: int, journal: str, model_path: str
     try:
         summary = run_worker(sweep.settings, store)
     finally:
-        (experiment_module.write_artifacts, Experiment.matches_plan,  # type: ignore[method-assign]
-         Experiment.load) = originals
+        experiment_module.write_artifacts = originals[0]
+        Experiment.matches_plan = originals[1]  # type: ignore[method-assign]
+        Experiment.load = originals[2]  # type: ignore[method-assign]
         store.close()
     return recorder, summary
 
@@ -152,6 +153,7 @@ def task_rows(recorder: Recorder, kinds: dict[int, str]) -> list[TaskRow]:
     finishes = {c.task_id: c for c in calls if c.name == "finish"}
     rows = []
     for claim in claims:
+        assert claim.task_id is not None
         finish = finishes[claim.task_id]
         end = finish.start + finish.wall_s
         inside = [c for c in calls if claim.start <= c.start <= end]
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"acceptance: orchestration {x['share_5min']:.3%} of a 5-minute task (< 0.1%): "
                   f"{'PASS' if verdict else 'FAIL'}")
     path = write_json("overhead", info, [asdict(r) for r in rows], extrapolation=x,
-                      worker=dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else str(summary),
+                      worker=dataclasses.asdict(summary),
                       acceptance={"share_5min": x["share_5min"], "pass": verdict})
     console.print(f"wrote {path.relative_to(REPO)}")
 

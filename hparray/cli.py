@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -86,7 +86,8 @@ def cli(ctx: click.Context, db: str | None, config_dir: Path, metrics: str | Non
     as resumable (config, video) rows in a database, run by local workers or a Slurm job array.
 
     \b
-    A sweep in four commands:
+    A sweep in five commands:
+      hparray init                         starter configs/ in this folder
       hparray plan --search lr --dry-run   what would run, and its GPU-hours
       hparray plan --search lr             write the rows (idempotent)
       hparray submit --local --workers 2   run them here (or: hparray submit, on Slurm)
@@ -101,6 +102,27 @@ def cli(ctx: click.Context, db: str | None, config_dir: Path, metrics: str | Non
         if unknown or not chosen:
             raise click.BadParameter(f"{metrics!r}: use some of {', '.join(METRICS)}", param_hint="--metrics")
     ctx.obj = Context(db=db, config_dir=config_dir, verbose=verbose, metrics=chosen)
+
+
+# ---------------------------------------------------------------- init
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path), default=Path("."), required=False)
+@click.option("--force", is_flag=True, help="Overwrite starter config files that already exist.")
+def init(folder: Path, force: bool) -> None:
+    """Start a project: write commented starter configs into FOLDER/configs/ (default: here).
+
+    base.yaml (baseline, data, runner, model, metrics, tasks, Slurm) and the three searches
+    (lr, condition_frames, steps). The first command after `pip install hparray`; then edit
+    configs/base.yaml and run `hparray plan --search lr --dry-run` in FOLDER.
+    """
+    from hparray.config import write_starter_configs
+
+    written = write_starter_configs(folder, force=force)
+    console.print(f"wrote {len(written)} files to {written[0].parent}: {', '.join(p.name for p in written)}")
+    console.print("next: edit configs/base.yaml (data.source, runner, model, slurm), then "
+                  "[bold]hparray plan --search lr --dry-run[/]" + (f" in {folder}" if str(folder) != "." else ""))
 
 
 # ---------------------------------------------------------------- plan
@@ -119,9 +141,11 @@ def plan(ctx: Context, which: str, dry_run: bool) -> None:
     condition_frames). Planning again adds only what is missing and never touches finished rows.
     """
     from hparray.plan import build_plan, model_description, select_videos
+    from hparray.runner import check_runner
 
     sweep = ctx.sweep()
     searches = sweep.select(which)
+    check_runner(sweep.settings)
     with console.status("choosing and checking videos..."):
         videos = select_videos(sweep.settings)
     result = build_plan(sweep, which, videos)
@@ -386,9 +410,9 @@ def cancel(ctx: Context, wait_s: float) -> None:
     console.print("next: [bold]hparray submit[/] resumes the rows that are left")
 
 
-def render_status(s: SweepStatus) -> list[object]:
+def render_status(s: SweepStatus) -> list[RenderableType]:
     """Rich renderables for a status snapshot."""
-    parts: list[object] = []
+    parts: list[RenderableType] = []
     for search, configs in s.searches().items():
         table = Table(title=f"search: {search}", title_justify="left")
         for column in ("config", "pending", "running", "done", "diverged", "failed", "PSNR", "SSIM", "LPIPS",
@@ -413,9 +437,9 @@ def render_status(s: SweepStatus) -> list[object]:
         table = Table(title="slurm jobs", title_justify="left")
         for column in ("job", "array", "throttle", "submitted", "slurm"):
             table.add_column(column)
-        for job in s.slurm_jobs:
-            table.add_row(job["job_id"], str(job["array_size"]), str(job["throttle"]),
-                          time.strftime("%Y-%m-%d %H:%M", time.localtime(job["submitted_at"])), job["summary"])
+        for entry in s.slurm_jobs:
+            table.add_row(entry["job_id"], str(entry["array_size"]), str(entry["throttle"]),
+                          time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["submitted_at"])), entry["summary"])
         parts.append(table)
     for row in s.hung:
         parts.append(f"[yellow]hung[/]: row #{row['task_id']} in Slurm task {row['slurm_task']} ({row['slurm_state']}) "
@@ -473,7 +497,7 @@ def report(ctx: Context, out: Path | None) -> None:
         console.print(part)
 
 
-def render_report(r: Report) -> list[object]:
+def render_report(r: Report) -> list[RenderableType]:
     """Rich renderables for a `hparray.report.Report`: one table per search, best values starred.
 
     Each metric cell stacks the mean, its CI and the paired difference from the search's
@@ -484,7 +508,7 @@ def render_report(r: Report) -> list[object]:
 
     from hparray.report import METRIC_LABELS, fmt_metric, fmt_p
 
-    parts: list[object] = []
+    parts: list[RenderableType] = []
     if r.partial:
         blocked = (f" ({r.rows['blocked']} blocked behind a failed or diverged un-fine-tuned row: retry it)"
                    if r.rows["blocked"] else "")
@@ -497,7 +521,8 @@ def render_report(r: Report) -> list[object]:
         table.add_column("config", no_wrap=True)
         table.add_column("videos", justify="right", no_wrap=True)
         for metric in r.metrics:
-            table.add_column(f"{METRIC_LABELS[metric]}\n{escape('[95% CI]')}\nΔ base {escape('[95% CI]')}\np, better", justify="right",
+            header = f"{METRIC_LABELS[metric]}\n{escape('[95% CI]')}\nΔ base {escape('[95% CI]')}\np, better"
+            table.add_column(header, justify="right",
                              no_wrap=True)
         table.add_column("div/fail", justify="right")
         table.add_column("GPU-h", justify="right")
@@ -580,8 +605,10 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print("aborted")
         sys.exit(130)
     except click.exceptions.ClickException as err:
-        command = err.ctx.command_path if getattr(err, "ctx", None) else "hparray"
-        err_console.print(f"error: {err.format_message()} (see `{command} --help`)", markup=False, highlight=False, soft_wrap=True)
+        where = getattr(err, "ctx", None)
+        command = where.command_path if where is not None else "hparray"
+        err_console.print(f"error: {err.format_message()} (see `{command} --help`)", markup=False, highlight=False,
+                          soft_wrap=True)
         sys.exit(err.exit_code)
     except HparrayError as err:
         if verbose:

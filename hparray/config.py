@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -439,6 +440,27 @@ def load_sweep(config_dir: Path) -> SweepConfig:
     if not searches:
         raise ConfigError(f"{config_dir}: no *_search.yaml files: add one, e.g. lr_search.yaml")
     return SweepConfig(settings=settings, searches=searches)
+
+
+def write_starter_configs(project: Path, force: bool = False) -> list[Path]:
+    """Copy the shipped, commented configs (base.yaml and the three searches) into
+    `project/configs/`; refuses to overwrite a file unless `force`. Returns the files written."""
+    from hparray import resources
+
+    shipped = sorted((f for f in resources.configs().iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+    target = Path(project) / "configs"
+    existing = [target / f.name for f in shipped if (target / f.name).exists()]
+    if existing and not force:
+        raise ConfigError(f"{existing[0]} exists: edit it, or pass --force to overwrite the starter configs")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        written = []
+        for f in shipped:
+            (target / f.name).write_text(f.read_text())
+            written.append(target / f.name)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {target} ({exc.strerror}): choose a folder you can write") from None
+    return written
 
 
 def format_value(value: float | int) -> str:

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hparray.runners.ltx import (
-    DEMO_WEIGHTS_DIR,
     MANIFEST,
     build_tiny_pipeline,
     checkpoint_files,

@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hparray.config import Settings
-from hparray.errors import HparrayError, RunnerError
+from hparray.errors import HparrayError
 from hparray.metrics import lpips_weights_status, require_lpips
+from hparray.plan import model_description
+from hparray.runner import check_runner
 from hparray.store import NETWORK_FILESYSTEMS, Store
 
-PACKAGES = ("torch", "torchvision", "diffusers", "lpips", "scikit-image", "sqlalchemy", "click", "rich")
+PACKAGES = ("scikit-image", "sqlalchemy", "click", "rich", "pydantic", "av")
+# Optional, by extra: the built-in LTX-Video runner, and LPIPS.
+EXTRAS = {"ltx": ("torch", "diffusers", "peft", "transformers"), "lpips": ("lpips", "torch", "torchvision")}
 # A fine-tune row keeps frames.npz (float32, compressed ~0.9) and a small mp4.
 ARTIFACT_BYTES_PER_PIXEL = 4 * 3 * 0.95
 
@@ -33,17 +37,14 @@ class Check:
 
 def before_submit(settings: Settings) -> None:
     """Refuse to start a sweep that would fail on its first task."""
+    check_runner(settings)
     if "lpips" in settings.metrics:
         require_lpips()
-    path = settings.model.get("path")
-    if path and not Path(path).is_dir():
-        raise RunnerError(f"model.path {path} is not a folder: point it at a local LTX-Video checkpoint "
-                          "(diffusers layout) or set it to null for the built-in model")
 
 
 def run_checks(settings: Settings | None, store_url: str | None, slurm_wanted: bool = True) -> list[Check]:
     """Every check; none raises, each says what passed and what to fix."""
-    checks = [_python(), _packages(), _gpus()]
+    checks = [_python(), *_packages(), _gpus()]
     if settings is not None:
         checks.append(_lpips(settings))
         checks.append(_model(settings))
@@ -55,22 +56,29 @@ def run_checks(settings: Settings | None, store_url: str | None, slurm_wanted: b
 
 
 def _python() -> Check:
-    version = ".".join(map(str, sys.version_info[:3]))
-    if sys.version_info < (3, 10):
-        return Check("python", "fail", version, "use Python 3.10 or newer")
-    return Check("python", "ok", version)
+    return Check("python", "ok", ".".join(map(str, sys.version_info[:3])))  # pip enforces requires-python
 
 
-def _packages() -> Check:
+def _versions(names: tuple[str, ...]) -> tuple[list[str], list[str]]:
     found, missing = [], []
-    for name in PACKAGES:
+    for name in names:
         try:
             found.append(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             missing.append(name)
-    if missing:
-        return Check("packages", "fail", "missing: " + ", ".join(missing), "pip install -e . in the project folder")
-    return Check("packages", "ok", ", ".join(found))
+    return found, missing
+
+
+def _packages() -> list[Check]:
+    found, missing = _versions(PACKAGES)
+    checks = [Check("packages", "fail", "missing: " + ", ".join(missing), "pip install hparray again")
+              if missing else Check("packages", "ok", ", ".join(found))]
+    for extra, names in EXTRAS.items():
+        found, missing = _versions(names)
+        checks.append(Check(f"extra [{extra}]", "warn", "not installed: " + ", ".join(missing),
+                            f"pip install 'hparray[{extra}]' if you need it")
+                      if missing else Check(f"extra [{extra}]", "ok", ", ".join(found)))
+    return checks
 
 
 def _gpus() -> Check:
@@ -97,12 +105,11 @@ def _lpips(settings: Settings) -> Check:
 
 
 def _model(settings: Settings) -> Check:
-    path = settings.model.get("path")
-    if path is None:
-        return Check("model", "ok", "built-in tiny LTX-Video model")
-    if not Path(path).is_dir():
-        return Check("model", "fail", f"model.path {path} does not exist", "point model.path at a local checkpoint")
-    return Check("model", "ok", f"checkpoint {path}")
+    try:
+        check_runner(settings)
+    except HparrayError as err:
+        return Check("runner", "fail", str(err), "fix runner or model in configs/base.yaml")
+    return Check("runner", "ok", f"{settings.runner['name']}: {model_description(settings)}")
 
 
 def _disk(settings: Settings) -> Check:

@@ -41,6 +41,13 @@ class RunnerError(HparrayError):
     """The experiment runner failed to load or to run a task."""
 
 
+class RunnerSetupError(RunnerError, BadInput):
+    """The runner cannot start with these settings (an import, an executable, a checkpoint is
+    missing): found by `plan` and `submit` before any GPU time is spent."""
+
+    exit_code = 2
+
+
 class MetricsError(HparrayError):
     """Metrics cannot be computed honestly (e.g. LPIPS weights missing or not genuine)."""
 

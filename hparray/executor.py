@@ -73,6 +73,18 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
+def last_error_line(log_path: Path) -> str:
+    """The line of a worker's log that says why it died: its last `error:` line, else its last line."""
+    try:
+        with log_path.open("rb") as fh:
+            fh.seek(max(0, log_path.stat().st_size - 64 * 1024))
+            lines = [line.strip() for line in fh.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    errors = [line for line in lines if line.startswith("error:") or " ERROR " in line]
+    return (errors or lines or ["(empty log)"])[-1]
+
+
 class LocalExecutor:
     """Keeps `workers` worker processes alive until no work is left or the user stops it."""
 
@@ -149,8 +161,10 @@ class LocalExecutor:
                             self._deaths_without_progress = 1
                             self._finished_at_last_death = finished
                         if self._deaths_without_progress > self.max_deaths_without_progress:
+                            log_path = self.log_dir / f"worker-{slot}.log"
                             self.report.gave_up = (f"workers died {self._deaths_without_progress} times in a row "
-                                                   f"without finishing a row; see {self.log_dir}/worker-*.log")
+                                                   f"without finishing a row; the last said: "
+                                                   f"{last_error_line(log_path)} (see {log_path})")
                             continue
                         log.warning("worker in slot %d exited with %s; replacing it", slot, code)
                         self.report.replaced += 1

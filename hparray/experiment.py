@@ -139,6 +139,7 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
     with av.open(str(path), mode="w", format="mp4") as container:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = container.add_stream(codec, rate=fps)
+        assert isinstance(stream, av.VideoStream)
         stream.width, stream.height = data.shape[2], data.shape[1]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":

@@ -76,9 +76,11 @@ class LpipsWeights:
 
 
 def _checkpoint_dir() -> Path:
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """torch.hub's checkpoint folder, worked out as torch.hub.get_dir() does, without importing
+    torch (seconds at every start, and absent from a core install)."""
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    torch_home = os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(cache, "torch")))
+    return Path(torch_home) / "hub" / "checkpoints"
 
 
 _sha_cache: dict[tuple[str, int, int], str] = {}
@@ -118,6 +120,14 @@ def require_lpips(allow_nongenuine: bool = False) -> LpipsWeights:
     Offline nodes cannot download the backbone (torchvision raises a bare URLError mid-run),
     so a missing file is reported before any work starts.
     """
+    import importlib.util
+
+    missing = [name for name in ("lpips", "torch", "torchvision") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MetricsError(
+            f"LPIPS needs {', '.join(missing)}, not installed here: pip install 'hparray[lpips]', "
+            "or drop lpips from metrics"
+        )
     status = lpips_weights_status()
     if not status.present:
         raise MetricsError(

@@ -823,7 +823,8 @@ def _strip_png(truth: np.ndarray | None, plain: np.ndarray | None, tuned: np.nda
                 draw.rectangle([left, top, left + fw - 1, top + fh - 1], fill=(200, 200, 200))
                 continue
             pixels = (np.clip(frames[t], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-            tile = Image.fromarray(pixels).resize((fw, fh), Image.NEAREST if scale >= 1 else Image.BILINEAR)
+            resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BILINEAR
+            tile = Image.fromarray(pixels).resize((fw, fh), resample)
             canvas.paste(tile, (left, top))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
@@ -877,7 +878,8 @@ img.plot { max-width: 100%; } details { margin: 0.5em 0 1em; } .muted { color: #
 {{ report.rows.running }} running, {{ report.rows.pending }} pending;
 {{ "%.2f"|format(report.gpu_hours) }} GPU-hours spent.</p>
 {% if report.partial %}<p class="partial" id="partial-banner">PARTIAL RESULTS: the sweep is still running
-({{ report.rows.pending + report.rows.running }} of {{ report.rows.total }} rows not finished{% if report.rows.blocked %},
+({{ report.rows.pending + report.rows.running }} of {{ report.rows.total }} rows not finished
+{%- if report.rows.blocked %},
 {{ report.rows.blocked }} of them blocked behind a failed or diverged un-fine-tuned row until it is retried{% endif %}).
 Configs marked "partial" are scored on the videos finished so far; every number here will change.</p>{% endif %}
 {% if not report.searches %}<p>No fine-tune rows yet: plan a search first.</p>{% endif %}

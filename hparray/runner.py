@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from hparray.errors import ConfigError
-from hparray.videos import VideoRef
+
+if TYPE_CHECKING:
+    from hparray.config import Settings
+    from hparray.videos import VideoRef
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,12 @@ class Generation:
 
 @runtime_checkable
 class Runner(Protocol):
-    """An experiment implementation; constructed with (runner_settings, model_settings, device)."""
+    """An experiment implementation; constructed with (runner_settings, model_settings, device).
+
+    Construction is cheap and validates the settings; `load` is the slow part. A runner may also
+    have `check()`, which `plan` and `submit` call to refuse settings that could never run (a
+    missing executable or checkpoint) before any GPU time is spent.
+    """
 
     def load(self) -> None:
         """Load the model once per worker process (slow); later calls are no-ops."""
@@ -68,6 +76,15 @@ BUILTIN_RUNNERS = {
     "ltx": "hparray.runners.ltx:LTXRunner",
     "command": "hparray.runners.command:CommandRunner",
 }
+
+
+def check_runner(settings: Settings) -> None:
+    """Import the configured runner, build it (which validates its settings) and run its own
+    `check()`: everything a worker would find out on its first task, found here instead."""
+    runner = runner_class(settings.runner["name"])(settings.runner, settings.model, "cpu")
+    check = getattr(runner, "check", None)
+    if callable(check):
+        check()
 
 
 def runner_class(name: str) -> type:

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 from hparray.config import Settings
+from hparray.errors import HparrayError
 from hparray.experiment import Experiment
 from hparray.store import Store
 from hparray.tasks import ClaimedTask
 from hparray.worker import ConfigMismatch, Worker, WorkerIdentity, WorkerSummary
-from hparray.errors import HparrayError
 
 log = logging.getLogger(__name__)
 

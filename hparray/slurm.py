@@ -36,7 +36,6 @@ from hparray.store import ReapReport, Store
 
 log = logging.getLogger(__name__)
 
-SBATCH_DIR = Path(__file__).resolve().parent.parent / "sbatch"
 TEMPLATE = "worker.sbatch.j2"
 # Slurm's default; read from `scontrol show config` where Slurm answers.
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -135,7 +134,8 @@ def render_script(settings: SlurmSettings, *, array_size: int, throttle: int, wo
         "setup": list(settings.setup),
         "worker_command": shlex.join(worker_command),
     }
-    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(SBATCH_DIR), undefined=jinja2.StrictUndefined,
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("hparray.sbatch", "."),
+                                     undefined=jinja2.StrictUndefined,
                                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                                      autoescape=False)
     return environment.get_template(TEMPLATE).render(**context)

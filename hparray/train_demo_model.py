@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 from hparray.demo_model import (
-    DEMO_WEIGHTS_DIR,
     TrainConfig,
     compare,
     config_from_manifest,
     default_command,
     train,
 )
+from hparray.runners.ltx import DEMO_WEIGHTS_DIR
 
 
 def _parser() -> argparse.ArgumentParser:

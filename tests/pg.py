@@ -18,6 +18,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PG_USER = "hparray-pg"  # the OS account that owns the data folder when tests run as root
 SUPERUSER = "hparray"  # the database role initdb creates; trust auth on 127.0.0.1 only
@@ -90,7 +91,7 @@ class PostgresServer:
 
     def _run(self, *args: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
         """A PostgreSQL tool as the owning account (root is refused by initdb and postgres)."""
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if self.account is not None:
             kwargs = {"user": self.account.pw_uid, "group": self.account.pw_gid, "extra_groups": []}
         return subprocess.run([str(self.bin_dir / args[0]), *args[1:]], capture_output=True, text=True,

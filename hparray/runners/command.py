@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from hparray.errors import ConfigError, RunnerError
+from hparray.errors import ConfigError, RunnerError, RunnerSetupError
 from hparray.runner import Clip, Generation, Hyperparams
 
 PLACEHOLDERS = ("video", "output_dir", "lr", "condition_frames", "finetune_steps", "seed")
@@ -76,6 +76,41 @@ def _check_command(command: Any) -> list[str]:
     return list(command)
 
 
+def check_executable(program: str, where: str) -> str:
+    """The path `program` runs from, or a RunnerSetupError that says why it would not start.
+
+    An interpreter named by a script's `#!` line is checked too: a script whose interpreter is
+    missing fails just the same, hours later on a compute node.
+    """
+    if "{" in program:
+        return program  # a placeholder: only known per task
+    found = shutil.which(program) if os.sep not in program else program
+    if found is None or not os.path.exists(found):
+        raise RunnerSetupError(
+            f"{where} {program!r} is not found ({'no such file' if os.sep in program else 'not on PATH'}): "
+            "install it, or give its full path"
+        )
+    if os.path.isdir(found) or not os.access(found, os.X_OK):
+        raise RunnerSetupError(
+            f"{where} {found} is not an executable file: `chmod +x` it, or run it through its "
+            "interpreter, e.g. [python, script.py, ...]"
+        )
+    try:
+        with open(found, "rb") as fh:
+            first = fh.readline(256)
+    except OSError as exc:
+        raise RunnerSetupError(f"{where} {found} cannot be read ({exc.strerror}): check its permissions") from None
+    if first.startswith(b"#!"):
+        words = first[2:].decode(errors="replace").split()
+        if not words:
+            raise RunnerSetupError(f"{where} {found} has an empty #! line: name its interpreter there")
+        interpreter = words[0]
+        if os.path.basename(interpreter) == "env":  # #!/usr/bin/env [-S] [VAR=value] python3
+            interpreter = next((w for w in words[1:] if not w.startswith("-") and "=" not in w), interpreter)
+        check_executable(interpreter, f"the #! interpreter of {found},")
+    return found
+
+
 def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
     with path.open("r", encoding="utf-8", errors="replace") as fh:
         return "".join(deque(fh, maxlen=lines)).rstrip()
@@ -122,6 +157,11 @@ class CommandRunner:
             raise ConfigError(f"runner.timeout_s is {timeout!r}: use a positive number of seconds")
         self.timeout_s = float(timeout)
         self.device = device
+        self.clock = time.monotonic  # the per-task timeout's clock (tests drive it)
+
+    def check(self) -> None:
+        """The executable exists and can run (checked, not run: a script may take minutes)."""
+        check_executable(self.command[0], "runner.command[0]")
 
     def load(self) -> None:
         """Nothing to load: the script loads its own model in every task."""
@@ -191,7 +231,7 @@ class CommandRunner:
                 )
             except OSError as exc:
                 raise RunnerError(f"cannot start runner command {argv[0]!r}: {exc}") from exc
-            deadline = time.monotonic() + self.timeout_s
+            deadline = self.clock() + self.timeout_s
             try:
                 while True:
                     # wait4 rather than Popen.wait: it also returns this child's own peak RSS.
@@ -199,7 +239,7 @@ class CommandRunner:
                     if pid:
                         proc.returncode = os.waitstatus_to_exitcode(status)
                         return proc.returncode, usage.ru_maxrss / 1024.0
-                    if time.monotonic() > deadline:
+                    if self.clock() > deadline:
                         self._kill(proc)
                         raise RunnerError(
                             f"runner command {argv[0]!r} timed out after {self.timeout_s:g} s "

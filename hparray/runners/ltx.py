@@ -16,14 +16,14 @@ import logging
 import math
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hparray.errors import ConfigError, RunnerError
+from hparray.errors import ConfigError, RunnerError, RunnerSetupError
 from hparray.runner import Clip, Generation, Hyperparams
 
 if TYPE_CHECKING:
@@ -406,6 +406,35 @@ class LTXRunner:
         self._unreported_load_s = 0.0
 
     # ----------------------------------------------------------------- loading
+
+    def check(self) -> None:
+        """Refuse what `load` would refuse, without importing torch: the packages of the [ltx]
+        extra, a checkpoint folder in diffusers layout, the built-in weights."""
+        import importlib.util
+
+        missing = [name for name in ("torch", "diffusers", "peft") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise RunnerSetupError(
+                f"runner ltx needs {', '.join(missing)}, not installed here: pip install 'hparray[ltx]', "
+                "or choose another runner.name"
+            )
+        if self.model_path is None:
+            if not (DEMO_WEIGHTS_DIR / MANIFEST).is_file():
+                raise RunnerSetupError(
+                    f"the built-in model's weights are missing from {DEMO_WEIGHTS_DIR}: reinstall hparray, "
+                    "or set model.path to a local LTX-Video checkpoint"
+                )
+            return
+        if not self.model_path.is_dir():
+            raise RunnerSetupError(
+                f"model.path {self.model_path} is not a folder: point it at a local LTX-Video checkpoint "
+                "(diffusers layout), or set it to null for the built-in model"
+            )
+        if not (self.model_path / "model_index.json").is_file():
+            raise RunnerSetupError(
+                f"model.path {self.model_path} is not an LTX-Video checkpoint in diffusers layout "
+                "(no model_index.json): point it at the folder holding model_index.json, transformer/ and vae/"
+            )
 
     def load(self) -> None:
         """Build or read the pipeline and snapshot the transformer's weights; then a no-op."""

@@ -153,3 +153,51 @@ def test_locked_database_is_one_line(make_project) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "locked" in lines[0], result.stderr
     assert dump(project.db) == before
+
+
+# ---------------------------------------------------------------- runners that could never start
+
+
+def unimportable_runner(project: Project) -> None:
+    base = project.base()
+    base["runner"] = {"name": "nosuchpkg.mod:Klass"}
+    project.write_base(base)
+
+
+def missing_executable(project: Project) -> None:
+    base = project.base()
+    base["runner"] = {"name": "command", "command": ["/no/such/predict", "{video}", "{output_dir}"]}
+    project.write_base(base)
+
+
+def not_a_checkpoint(project: Project) -> None:
+    (project.root / "not-a-checkpoint").mkdir()
+    base = project.base()
+    base["runner"] = {"name": "ltx"}
+    base["model"] = {"path": str(project.root / "not-a-checkpoint")}
+    project.write_base(base)
+
+
+RUNNER_CASES = {
+    "unimportable runner": (unimportable_runner, "nosuchpkg"),
+    "missing executable": (missing_executable, "/no/such/predict"),
+    "model.path not a checkpoint": (not_a_checkpoint, "model_index.json"),
+}
+
+
+@pytest.mark.parametrize("command", ["plan", "submit"])
+@pytest.mark.parametrize("case", list(RUNNER_CASES))
+def test_a_runner_that_cannot_start_is_refused_before_anything_runs(make_project, case: str, command: str) -> None:
+    project: Project = make_project()
+    breaker, expected = RUNNER_CASES[case]
+    if command == "submit":
+        assert project.run("plan", "--search", "lr").returncode == 0
+    breaker(project)
+    before = dump(project.db)
+    argv = ["plan", "--search", "lr"] if command == "plan" else ["submit", "--local", "--workers", "1"]
+    result = project.run(*argv, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert dump(project.db) == before
+    assert not (project.root / "results" / "logs").exists(), "a worker was started"

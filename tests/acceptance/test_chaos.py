@@ -1,5 +1,6 @@
-"""Chaos: a killer SIGKILLs a random worker every few seconds while the local executor replaces
-them; afterwards every task is done exactly once, with one result each, every attempt recorded
+"""Chaos: a killer SIGKILLs a worker holding a row at six points spread over the sweep (by rows
+finished, not by the clock) while the local executor replaces them; afterwards every task is done
+exactly once, with one result each, every attempt recorded
 and nothing lost, on SQLite and on PostgreSQL. Real tiny LTX-Video runner, real processes."""
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ import os
 import random
 import signal
 import threading
-import time
 
 import pytest
 
@@ -18,29 +18,34 @@ from tests.conftest import Project
 LR_VALUES = [round(1e-6 * 1.7**i, 12) for i in range(10)]  # 10 configs x 20 videos = 200 fine-tune rows
 
 
-def _killer(store_url: str, stop: threading.Event, kills: list[int], seed: int = 7) -> None:
-    """Every 8-15 s, SIGKILL a random worker, one that holds a row when there is one (a kill
-    mid-task is the case that matters; a worker costs ~10 s of imports to replace)."""
+# Kill points, as fractions of the rows finished: spread over the whole sweep, and reached on a
+# fast machine and a slow one alike, since they count progress, not seconds.
+KILL_AT = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8)
+
+
+def _killer(store_url: str, total: int, stop: threading.Event, kills: list[int], seed: int = 7) -> None:
+    """At each kill point, SIGKILL a worker that holds a row (a kill mid-task is the case that
+    matters), waiting for one to hold a row if none does at that moment."""
     rng = random.Random(seed)
     store = Store.open(store_url, create=False)
     host = os.uname().nodename.split(".")[0]
-    wait_s = rng.uniform(2.0, 4.0)  # the first kill early, so even a fast sweep sees several
-    while not stop.wait(wait_s):
-        wait_s = rng.uniform(8.0, 15.0)
+    points = [int(total * fraction) for fraction in KILL_AT]
+    while points and not stop.wait(0.1):
         try:
-            rows = [row for row in store.fetch("live_workers")
-                    if row.host == host and os.path.exists(f"/proc/{row.pid}")]
+            finished = sum(row.n for row in store.fetch("task_totals") if row.status in ("done", "diverged", "failed"))
+            if finished < points[0]:
+                continue
+            busy = [row.pid for row in store.fetch("live_workers")
+                    if row.host == host and row.current_task is not None and os.path.exists(f"/proc/{row.pid}")]
         except Exception:
             continue
-        busy = [row.pid for row in rows if row.current_task is not None]
-        candidates = busy or [row.pid for row in rows]
-        if candidates:
-            pid = rng.choice(candidates)
+        if busy:
             try:
-                os.kill(pid, signal.SIGKILL)
-                kills.append(pid)
+                os.kill(rng.choice(busy), signal.SIGKILL)
+                kills.append(points.pop(0))
             except ProcessLookupError:
                 pass
+    store.close()
 
 
 @pytest.mark.slow
@@ -58,7 +63,7 @@ def test_killed_workers_lose_nothing_and_repeat_nothing(make_project, db_url: st
     assert total >= 200
 
     stop, kills = threading.Event(), []
-    killer = threading.Thread(target=_killer, args=(db_url, stop, kills), daemon=True)
+    killer = threading.Thread(target=_killer, args=(db_url, total, stop, kills), daemon=True)
     killer.start()
     try:
         run = project.run("--db", db_url, "submit", "--local", "--workers", "3", timeout=900)
@@ -66,7 +71,7 @@ def test_killed_workers_lose_nothing_and_repeat_nothing(make_project, db_url: st
         stop.set()
         killer.join()
     assert run.returncode == 0, run.stdout + run.stderr
-    assert len(kills) >= 3, f"the killer only got {len(kills)} workers"
+    assert len(kills) == len(KILL_AT), f"the killer got {len(kills)} of {len(KILL_AT)} workers (at rows {kills})"
 
     with store.engine.connect() as conn:
         from sqlalchemy import text

@@ -212,14 +212,17 @@ def running_row_of(store: Store, pid: int) -> Any:
     return found[0] if found else None
 
 
-def fresh_mark_pid(marks: Path, within_s: float = 0.5) -> int | None:
-    """The pid of a worker whose task started less than `within_s` ago (from the runner's marks)."""
-    now = time.time_ns()
-    for name in os.listdir(marks):
-        pid, started_ns = name.rsplit("-", 2)[1:]
-        if now - int(started_ns) < within_s * 1e9:
-            return int(pid)
-    return None
+def hold_folder(parent: Path) -> Path:
+    """A folder for HPARRAY_TEST_HOLD: tasks wait until `go` (or a `ticket-*`) appears in it."""
+    folder = parent / "hold"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def mark_pid(marks: Path) -> int | None:
+    """The pid of a worker whose task has started (from the runner's marks)."""
+    names = os.listdir(marks)
+    return int(names[0].rsplit("-", 2)[1]) if names else None
 
 
 def one_video_project(make_project: Callable[..., Project]) -> Project:
@@ -237,8 +240,9 @@ def test_a_killed_worker_row_is_reclaimed_after_the_grace_and_its_late_finish_is
     marks = tmp_path / "marks"
     marks.mkdir()
     group = workers(project)
-    # Long enough that a starved test process still kills it mid-task; it never finishes anyway.
-    victim = group.start("worker", env={"HPARRAY_TEST_TASK_S": "30", "HPARRAY_TEST_MARK_DIR": str(marks)})
+    # Held until killed: it is mid-task however slow this process is to kill it.
+    victim = group.start("worker", env={"HPARRAY_TEST_HOLD": str(hold_folder(tmp_path)),
+                                              "HPARRAY_TEST_MARK_DIR": str(marks)})
     held = wait_for("the victim to be running its row", lambda: running_row_of(store, victim.pid), 300)
     wait_for("the victim's task to start", lambda: os.listdir(marks), 30, 0.02)
     victim.send_signal(signal.SIGKILL)
@@ -284,7 +288,8 @@ def test_sigterm_gives_the_row_back_at_once_without_spending_an_attempt(
     marks.mkdir()
     before = rows(store, "SELECT attempts FROM tasks WHERE kind = 'baseline'")[0][0]
     group = workers(project)
-    worker = group.start("worker", env={"HPARRAY_TEST_TASK_S": "60", "HPARRAY_TEST_MARK_DIR": str(marks)})
+    worker = group.start("worker", env={"HPARRAY_TEST_HOLD": str(hold_folder(tmp_path)),
+                                              "HPARRAY_TEST_MARK_DIR": str(marks)})
     held = wait_for("the worker to be running its row", lambda: running_row_of(store, worker.pid), 300)
     wait_for("the task to start", lambda: os.listdir(marks), 30, 0.02)
     assert held.attempts == before + 1
@@ -293,7 +298,7 @@ def test_sigterm_gives_the_row_back_at_once_without_spending_an_attempt(
     # At once: the worker puts it back itself (no reaper runs here, and a reap would spend the attempt).
     row = wait_for("the row to be pending again", lambda: [r for r in rows(
         store, "SELECT status, attempts, lease, worker_id FROM tasks WHERE id = :id", id=held.id)
-        if r.status == "pending"], 10, 0.05)[0]
+        if r.status == "pending"], 120, 0.05)[0]
     assert (row.attempts, row.lease, row.worker_id) == (before, None, None)
     assert rows(store, "SELECT outcome FROM attempts WHERE lease = :l", l=held.lease)[0][0] == "released"
     assert rows(store, "SELECT COUNT(*) FROM attempts")[0][0] == 1
@@ -313,13 +318,14 @@ def test_the_local_executor_replaces_a_worker_killed_mid_task(
     marks = tmp_path / "marks"
     marks.mkdir()
     group = workers(project)
+    hold = hold_folder(tmp_path)
     submit = group.start("submit", "--local", "--workers", "2",
-                         env={"HPARRAY_TEST_TASK_S": "3", "HPARRAY_TEST_MARK_DIR": str(marks)})
+                         env={"HPARRAY_TEST_HOLD": str(hold), "HPARRAY_TEST_MARK_DIR": str(marks)})
     try:
-        # The victim is a worker whose task started a moment ago (its mark is fresh), so it dies mid-task
-        # even when this process is starved for a second between looking and killing.
-        pid = wait_for("a worker starting a task", lambda: fresh_mark_pid(marks), 300, 0.05)
+        # Every task holds until hold/go exists: the victim is mid-task however slow this process is.
+        pid = wait_for("a worker starting a task", lambda: mark_pid(marks), 300, 0.05)
         os.kill(pid, signal.SIGKILL)
+        (hold / "go").touch()
         assert submit.wait(timeout=600) == 0, group.output()[-4000:]
     finally:
         for row in rows(store, "SELECT pid FROM workers WHERE state = 'running'"):  # a failed run's leftovers
@@ -347,7 +353,8 @@ def test_ctrl_c_on_the_local_executor_puts_every_claimed_row_back(make_project) 
 
     project: Project = make_project()
     assert project.run("plan", "--search", "lr").returncode == 0
-    submit = project.popen("submit", "--local", "--workers", "2", env={"HPARRAY_TEST_TASK_S": "30"},
+    submit = project.popen("submit", "--local", "--workers", "2",
+                           env={"HPARRAY_TEST_HOLD": str(hold_folder(project.root))},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = clock.time() + 120
     running = 0
@@ -366,3 +373,13 @@ def test_ctrl_c_on_the_local_executor_puts_every_claimed_row_back(make_project) 
         released = conn.execute("SELECT COUNT(*) FROM attempts WHERE outcome = 'released'").fetchone()[0]
     assert "running" not in statuses and statuses.get("pending") == 24, statuses
     assert spent == 0 and released == 2
+
+
+def test_when_workers_keep_dying_submit_says_what_the_last_one_said(make_project) -> None:
+    project: Project = make_project(**{"runner": {"name": "tests.support.runners:BrokenLoadRunner"}})
+    assert project.run("plan", "--search", "lr").returncode == 0
+    result = project.run("submit", "--local", "--workers", "1", timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "gave up" in lines[0], result.stderr
+    assert "no CUDA-capable device is detected on gpu-node-7" in lines[0], lines[0]

@@ -18,13 +18,13 @@ from sqlalchemy import inspect, text
 
 from hparray.config import load_sweep
 from hparray.plan import Plan, build_plan, select_videos
-from hparray.store import SQL_DIR, Store
+from hparray.store import Store, migration_files
 from hparray.tasks import ClaimedTask, TaskOutcome
 from tests.conftest import Project, subprocess_env
 
 T0 = 1_000_000.0
 GRACE_S = 30.0
-MIGRATIONS = sorted((SQL_DIR / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+MIGRATIONS = migration_files()
 TABLES = {"configs", "search_configs", "videos", "tasks", "attempts", "results", "workers", "submissions",
           "events", "schema_migrations"}
 
@@ -93,7 +93,8 @@ def worker(store: Store) -> str:
 def test_migrations_apply_record_their_version_and_reopening_is_a_no_op(store: Store, one_video: Plan) -> None:
     assert store.schema_version() == int(MIGRATIONS[-1].name[:4])
     recorded = rows(store, "SELECT version, name, applied_at FROM schema_migrations ORDER BY version")
-    assert [(r.version, r.name) for r in recorded] == [(int(f.name[:4]), f.stem) for f in MIGRATIONS]
+    expected = [(int(f.name[:4]), f.name.removesuffix(".sql")) for f in MIGRATIONS]
+    assert [(r.version, r.name) for r in recorded] == expected
     assert TABLES <= set(inspect(store.engine).get_table_names())
     apply(store, one_video)
 

@@ -4,6 +4,9 @@ environment of the worker process (tests start real `hparray worker` processes).
 HPARRAY_TEST_TASK_S   seconds each task sleeps (so a test can signal a worker mid-task)
 HPARRAY_TEST_FAIL     a video name whose tasks raise (retries, then failed)
 HPARRAY_TEST_MARK_DIR a folder where each task start leaves a file (to see what ran, and how often)
+HPARRAY_TEST_HOLD     a folder: each task waits until `go` exists there, or it can take one `ticket-*`
+                      file in it; so a test can signal or kill a worker that is certainly mid-task
+                      (no guess of how long a task takes), and let N tasks through with N tickets
 """
 
 from __future__ import annotations
@@ -12,9 +15,19 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from hparray.runner import Clip, Generation, Hyperparams
+
+
+def _take_ticket(folder: str) -> bool:
+    """Atomically take one `ticket-*` file of `folder` (rename wins for exactly one process)."""
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("ticket-") and ".taken" not in name:
+            try:
+                os.rename(os.path.join(folder, name), os.path.join(folder, f"{name}.taken-{os.getpid()}"))
+                return True
+            except FileNotFoundError:
+                continue
+    return False
 
 
 class SleepyRunner:
@@ -33,6 +46,9 @@ class SleepyRunner:
         if os.environ.get("HPARRAY_TEST_FAIL") == clip.ref.name:
             raise RuntimeError(f"test failure for {clip.ref.name}")
         time.sleep(float(os.environ.get("HPARRAY_TEST_TASK_S", "0")))
+        hold = os.environ.get("HPARRAY_TEST_HOLD")
+        while hold and not os.path.exists(os.path.join(hold, "go")) and not _take_ticket(hold):
+            time.sleep(0.02)
         frames = clip.frames.copy()
         frames[condition_frames:] = frames[condition_frames - 1] * (1.0 - min(lr * 1000.0, 0.5))
         return Generation(frames=frames, timings_s={"finetune": 0.0, "inference": 0.0}, peak_memory_mb=1.0)
@@ -42,3 +58,10 @@ class SleepyRunner:
 
     def finetune_and_generate(self, clip: Clip, hp: Hyperparams, seed: int) -> Generation:
         return self._work(clip, hp.condition_frames, hp.lr, "finetune")
+
+
+class BrokenLoadRunner(SleepyRunner):
+    """A model that cannot load on this node (as when a GPU is gone): every worker dies at start."""
+
+    def load(self) -> None:
+        raise RuntimeError("CUDA error: no CUDA-capable device is detected on gpu-node-7")
