@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.console import Console, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -155,7 +156,8 @@ def plan(ctx: Context, which: str, dry_run: bool) -> None:
         store = ctx.store()
         existing = store.existing_task_keys()
         counts = store.apply_plan(result.config_rows(), result.search_config_rows(), result.video_rows(),
-                                  result.tasks, sweep.settings.tasks.max_attempts, time.time())
+                                  result.tasks, sweep.settings.tasks.max_attempts, time.time(),
+                                  max_losses=sweep.settings.tasks.max_losses)
     new_tasks = [t for t in result.tasks if (t.config_hash, t.video) not in existing]
 
     table = Table(title=f"plan: search {which}", title_justify="left")
@@ -455,6 +457,8 @@ def render_status(s: SweepStatus) -> list[RenderableType]:
     journal = f", journal {db['journal_mode']} on {db['filesystem']}" if db.get("journal_mode") else ""
     parts.append(f"[dim]database {db['url']} ({db['dialect']}, schema v{db['schema_version']}{journal})"
                  + (f"; reaped {len(s.reaped)} stale rows" if s.reaped else "") + "[/]")
+    if s.reap_problem:
+        parts.append(f"[yellow]{escape(s.reap_problem)}[/]")
     if not s.configs:
         parts.append("no rows yet: run `hparray plan --search lr` first")
     return parts
@@ -504,7 +508,6 @@ def render_report(r: Report) -> list[RenderableType]:
     baseline config, so three metrics still fit 120 columns.
     """
     from rich import box
-    from rich.markup import escape
 
     from hparray.report import METRIC_LABELS, fmt_metric, fmt_p
 

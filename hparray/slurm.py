@@ -31,7 +31,7 @@ from sqlalchemy.engine import make_url
 
 from hparray.config import Settings, SlurmSettings
 from hparray.errors import BadInput, SlurmError
-from hparray.status import SweepStatus, sweep_status
+from hparray.status import SweepStatus, sweep_status, try_reap
 from hparray.store import ReapReport, Store
 
 log = logging.getLogger(__name__)
@@ -408,7 +408,7 @@ class StatusWithSlurm:
             self._view = observe(store)
             self._asked_at = time.monotonic()
             if self._view.gone_workers:
-                report = store.reap(now, grace_s, gone_workers=self._view.gone_workers)
+                report, _ = try_reap(store, now, grace_s, self._view.gone_workers)
                 released = report.released + report.failed
         status = sweep_status(store, now, grace_s)
         status.reaped = released + status.reaped

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hparray.store import Store
+from hparray.errors import StoreError
+from hparray.store import ReapReport, Store
 from hparray.tasks import STATUSES
 
 THROUGHPUT_WINDOW_S = 3600.0
@@ -67,6 +68,7 @@ class SweepStatus:
     eta_s: float | None
     reaped: list[int]
     database: dict[str, Any]
+    reap_problem: str = ""  # why the reaper could not run (a read-only database, a stuck writer)
     configs: list[ConfigStatus] = field(default_factory=list)
     workers: list[WorkerStatus] = field(default_factory=list)
     # Filled by hparray.slurm when the sweep was submitted to Slurm: its jobs as squeue sees them,
@@ -87,9 +89,21 @@ class SweepStatus:
         return data
 
 
+def try_reap(store: Store, now: float, grace_s: float, gone_workers: list[str] | None = None) -> tuple[
+        ReapReport, str]:
+    """Reap for a reading command: a database it cannot write (read-only, or held by a stuck writer)
+    must not stop it from showing what is there; the second value says why nothing was reaped."""
+    if store.readonly:
+        return ReapReport([], []), "the database is read-only here, so no row of a dead worker was put back"
+    try:
+        return store.reap(now, grace_s, gone_workers=gone_workers or ()), ""
+    except StoreError as err:
+        return ReapReport([], []), f"could not reap: {err}"
+
+
 def sweep_status(store: Store, now: float, grace_s: float) -> SweepStatus:
     """Reap stale rows, then read the whole picture in a handful of grouped queries."""
-    reaped = store.reap(now, grace_s)
+    reaped, reap_problem = try_reap(store, now, grace_s)
     per_config = {row.hash: row for row in store.fetch("status_configs")}
     configs: list[ConfigStatus] = []
     for membership in store.fetch("search_configs"):
@@ -126,7 +140,7 @@ def sweep_status(store: Store, now: float, grace_s: float) -> SweepStatus:
         throughput_per_hour=throughput, eta_s=eta, reaped=reaped.released + reaped.failed,
         database={"url": _redact(store.url), "dialect": store.dialect, "journal_mode": store.journal_mode or None,
                   "filesystem": store.filesystem or None, "schema_version": store.schema_version()},
-        configs=configs, workers=workers,
+        configs=configs, workers=workers, reap_problem=reap_problem,
     )
 
 

@@ -7,11 +7,13 @@ open. Callers pass the clock (`now`) so that tests drive time instead of sleepin
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -107,7 +109,9 @@ class WriterLock:
         return _WRITER_LOCKS.setdefault(str(path), cls(path))
 
     @contextmanager
-    def held(self) -> Iterator[None]:
+    def held(self, timeout_s: float) -> Iterator[None]:
+        """Hold the lock for one write transaction; LockTimeout after `timeout_s` of waiting, the
+        same bound as SQLite's own busy timeout."""
         if not self.enabled:
             yield
             return
@@ -117,8 +121,11 @@ class WriterLock:
             if self._fd is not None:
                 os.close(self._fd)
             self._pid, self._fd, self._thread_lock, self._depth = os.getpid(), None, threading.RLock(), 0
-        with self._thread_lock:
-            locked = self._depth > 0 or self._lock()
+        deadline = time.monotonic() + timeout_s
+        if not self._thread_lock.acquire(timeout=timeout_s):
+            raise LockTimeout(self.path, timeout_s)
+        try:
+            locked = self._depth > 0 or self._lock(deadline, timeout_s)
             self._depth += 1
             try:
                 yield
@@ -129,16 +136,61 @@ class WriterLock:
                         fcntl.flock(self._fd, fcntl.LOCK_UN)
                     except OSError as err:
                         self._disable(err)
+        finally:
+            self._thread_lock.release()
 
-    def _lock(self) -> bool:
+    def _lock(self, deadline: float, timeout_s: float) -> bool:
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            return True
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return self._wait(deadline, timeout_s)
         except OSError as err:
             self._disable(err)
             return False
+
+    def _wait(self, deadline: float, timeout_s: float) -> bool:
+        """Wait in the kernel for the lock (woken the moment its holder lets go), until `deadline`.
+
+        A holder that is stopped inside its transaction (Ctrl-Z, a debugger, a frozen VM, an NFS
+        stall) must not hang every other process. flock() has no timeout, so the blocking call runs
+        in a helper thread; when time is up the thread keeps the descriptor, and lets go of the lock
+        and closes the descriptor whenever it gets it, while this process opens a fresh one.
+        """
+        fd = self._fd
+        assert fd is not None
+        state = ["waiting"]
+        guard, done = threading.Lock(), threading.Event()
+
+        def wait() -> None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                got: OSError | None = None
+            except OSError as err:
+                got = err
+            with guard:
+                if state[0] == "abandoned":
+                    with contextlib.suppress(OSError):
+                        if got is None:
+                            fcntl.flock(fd, fcntl.LOCK_UN)
+                        os.close(fd)
+                else:
+                    state[0] = "acquired" if got is None else f"failed: {got}"
+            done.set()
+
+        threading.Thread(target=wait, name="writer-lock-wait", daemon=True).start()
+        done.wait(max(0.0, deadline - time.monotonic()))
+        with guard:
+            if state[0] == "acquired":
+                return True
+            if state[0].startswith("failed"):
+                raise OSError(state[0])
+            state[0] = "abandoned"
+            self._fd = None
+        raise LockTimeout(self.path, timeout_s)
 
     def _disable(self, err: OSError) -> None:
         self.enabled = False
@@ -153,6 +205,14 @@ class WriterLock:
 
 
 _WRITER_LOCKS: dict[str, WriterLock] = {}
+
+
+class LockTimeout(Exception):
+    """The writer lock was not had within the busy timeout (the store turns it into a StoreError)."""
+
+    def __init__(self, path: Path, timeout_s: float):
+        super().__init__(f"{path} held for over {timeout_s:.0f} s")
+        self.path, self.timeout_s = path, timeout_s
 
 
 @dataclass(frozen=True)
@@ -170,6 +230,11 @@ class ReapReport:
 
     released: list[int]
     failed: list[int]
+
+
+def this_host() -> str:
+    """This machine's name as workers record it (and as a reaper names the clock it judges by)."""
+    return socket.gethostname().split(".")[0]
 
 
 def resolve_url(db: str | None) -> str:
@@ -210,6 +275,7 @@ class Store:
         self.dialect = engine.dialect.name
         self.filesystem = ""
         self.journal_mode = ""
+        self.readonly = False  # opened without write access: reads only (status, report)
         self.writer_lock: WriterLock | None = None
         _refuse_inherited_connections(engine)
 
@@ -236,7 +302,10 @@ class Store:
             except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
                 raise StoreUnreachable(f"--db {url!r}: {err}: use sqlite:///path or postgresql://...") from None
             store = cls(engine, url)
-        store._migrate()
+        if store.readonly:
+            store._require_current_schema()
+        else:
+            store._migrate()
         return store
 
     @classmethod
@@ -254,6 +323,13 @@ class Store:
         # process. An idle connection holds no lock; a forked child never reuses its parent's
         # connections (_refuse_inherited_connections). Two connections cover the worker's main
         # and heartbeat threads; pysqlite lets a pooled file connection move between threads.
+        # A database this process may not write (a read-only mount, a copy of a finished sweep
+        # without write permission) is opened read-only: `status` and `report` still work. WAL needs
+        # its -shm file, which such a folder cannot hold: then the file is read as immutable.
+        readonly = path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
+        if readonly:
+            immutable = not (Path(f"{path}-shm").exists() and Path(f"{path}-wal").exists())
+            url = f"sqlite:///file:{path}?mode=ro&uri=true" + ("&immutable=1" if immutable else "")
         engine = create_engine(url, poolclass=QueuePool, pool_size=2, max_overflow=8,
                                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
@@ -274,11 +350,25 @@ class Store:
             mode = "BEGIN" if conn.get_execution_options().get("readonly") else "BEGIN IMMEDIATE"
             _sqlite3(conn).execute(mode)  # straight to sqlite3, as in _run
 
-        store = cls(engine, url)
-        store.writer_lock = WriterLock.for_database(path)
+        store = cls(engine, f"sqlite:///{path}")
         store.filesystem = filesystem_type(path.parent)
-        store._choose_journal_mode(path)
+        store.readonly = readonly
+        if readonly:
+            store.journal_mode = store._pragma("journal_mode")
+        else:
+            store.writer_lock = WriterLock.for_database(path)
+            store._choose_journal_mode(path)
         return store
+
+    def _pragma(self, name: str) -> str:
+        try:
+            raw = self.engine.raw_connection()
+            try:
+                return str(raw.cursor().execute(f"PRAGMA {name}").fetchone()[0])
+            finally:
+                raw.close()
+        except sqlite3.DatabaseError as err:
+            raise self._translate(err) from None
 
     def _choose_journal_mode(self, path: Path) -> None:
         """WAL on a local disk; the rollback journal where WAL's shared memory cannot work."""
@@ -304,17 +394,45 @@ class Store:
         if "file is not a database" in message or "file is encrypted" in message:
             return StoreUnreachable(f"{self.url} is not an SQLite database: move it away or point --db elsewhere")
         if "locked" in message:
-            return StoreError(
-                f"{self.url} stayed locked by another process for over {SQLITE_BUSY_TIMEOUT_S:.0f} s: "
-                "find the process holding it (fuser) or try again"
-            )
+            return self._locked()
         if "readonly" in message or "unable to open" in message:
             return StoreUnreachable(f"cannot write {self.url} ({message}): check the path and its permissions")
         return StoreUnreachable(f"cannot use database {self.url}: {message}: start the server or fix --db / HPARRAY_DB")
 
+    def _locked(self) -> StoreError:
+        return StoreError(
+            f"{self.url} stayed locked by another process for over {SQLITE_BUSY_TIMEOUT_S:.0f} s: "
+            "find the process holding it (fuser) or try again"
+        )
+
+    def _applied_versions(self) -> set[int]:
+        """Versions recorded in schema_migrations (none when the table does not exist yet)."""
+        exists = ("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+                  if self.dialect == "sqlite" else "SELECT to_regclass('schema_migrations') IS NOT NULL")
+        with self._read() as conn:
+            if not conn.execute(text(exists)).scalar():
+                return set()
+            return {row[0] for row in conn.execute(text("SELECT version FROM schema_migrations"))}
+
+    def _require_current_schema(self) -> None:
+        have, want = self._applied_versions(), {int(f.name[:4]) for f in migration_files()}
+        if not have:
+            raise StoreUnreachable(f"{self.url} holds no hparray sweep: point --db at a sweep's database")
+        if want - have:
+            raise StoreError(f"{self.url} has schema v{max(have)} and this hparray needs v{max(want)}, but it is "
+                             "read-only here: run any hparray command once where it can be written, to migrate it")
+        if have - want:
+            raise StoreError(f"{self.url} has schema v{max(have)}, newer than this hparray (v{max(want)}): "
+                             "upgrade hparray")
+
     def _migrate(self) -> None:
-        """Apply every `sql/migrations/NNNN_*.sql` newer than the recorded version, one transaction each."""
+        """Apply every `sql/migrations/NNNN_*.sql` newer than the recorded version, one transaction each.
+
+        Nothing is written when the schema is current: a reader must not queue for the writer lock
+        (or fail on a read-only file) just to learn that there is nothing to do."""
         migrations = migration_files()
+        if {int(f.name[:4]) for f in migrations} <= self._applied_versions():
+            return
         serial = ("INTEGER PRIMARY KEY" if self.dialect == "sqlite"
                   else "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
         with self._write() as conn:
@@ -347,10 +465,16 @@ class Store:
     # ------------------------------------------------------------------ transactions
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def _write(self, ordered: bool = True) -> Iterator[Connection]:
+        """One write transaction. `ordered` writers queue on the writer lock first (fair turns for
+        claims under contention); the others (heartbeats) go straight to SQLite's busy handler, so
+        a queue of claimers never delays a beat."""
+        lock = self.writer_lock.held(SQLITE_BUSY_TIMEOUT_S) if self.writer_lock and ordered else nullcontext()
         try:
-            with self.writer_lock.held() if self.writer_lock else nullcontext(), self.engine.begin() as conn:
+            with lock, self.engine.begin() as conn:
                 yield conn
+        except LockTimeout:
+            raise self._locked() from None
         except exc.OperationalError as err:
             raise self._translate(err.orig or err) from None
         except exc.DatabaseError as err:
@@ -387,7 +511,7 @@ class Store:
 
     def apply_plan(self, configs: Iterable[dict[str, Any]], search_configs: Iterable[dict[str, Any]],
                    videos: Iterable[dict[str, Any]], tasks: list[TaskSpec], max_attempts: int,
-                   now: float) -> PlanCounts:
+                   now: float, max_losses: int = 10) -> PlanCounts:
         """Insert what is missing, in one transaction; rows already there are never touched."""
         with self._write() as conn:
             new_configs = sum(self._run(conn, "insert_config", {**row, "now": now}).rowcount for row in configs)
@@ -405,7 +529,8 @@ class Store:
                 inserted = self._run(conn, "insert_task", {
                     "config_hash": spec.config_hash, "video": spec.video, "kind": spec.kind,
                     "depends_on": ids[spec.depends_on] if spec.depends_on else None, "priority": spec.priority,
-                    "max_attempts": max_attempts, "estimate_s": spec.estimate_s, "now": now})
+                    "max_attempts": max_attempts, "max_losses": max_losses, "estimate_s": spec.estimate_s,
+                    "now": now})
                 ids[key] = inserted.lastrowid if self.dialect == "sqlite" else inserted.scalar_one()
                 new_tasks += 1
         return PlanCounts(new_tasks=new_tasks, existing_tasks=existing, new_configs=new_configs)
@@ -440,7 +565,8 @@ class Store:
             self._run(conn, "start_attempt",
                       {"task_id": task_id, "lease": lease, "number": info.attempts, "worker_id": worker_id,
                        "now": now})
-            self._run(conn, "heartbeat_worker", {"worker_id": worker_id, "task_id": task_id, "now": now})
+            self._run(conn, "watch_claim", {"lease": lease, "worker_id": worker_id, "now": now})
+            self._beat_worker(conn, worker_id, task_id, now)
         return ClaimedTask(
             id=task_id, lease=lease, attempt=info.attempts, max_attempts=info.max_attempts, kind=info.kind,
             config_hash=info.config_hash, video=info.video, video_path=info.video_path, category=info.category,
@@ -454,14 +580,21 @@ class Store:
             return int(self._run(conn, "waiting_work").scalar() or 0)
 
     def heartbeat(self, task: ClaimedTask, worker_id: str, now: float) -> bool:
-        """Refresh the row's heartbeat; False when the lease was lost (reaped, reclaimed)."""
-        with self._write() as conn:
+        """Count a heartbeat of the row; False when the lease was lost (reaped, reclaimed)."""
+        with self._write(ordered=False) as conn:
             alive = self._run(conn, "heartbeat_task", {"task_id": task.id, "lease": task.lease, "now": now}).rowcount
             if alive != 1:
                 self._fenced(conn, task, "heartbeat", now)
+            else:
+                self._run(conn, "watch_task_beat",
+                          {"task_id": task.id, "lease": task.lease, "worker_id": worker_id, "now": now})
             self._run(conn, "heartbeat_attempt", {"lease": task.lease, "now": now})
-            self._run(conn, "heartbeat_worker", {"worker_id": worker_id, "task_id": task.id, "now": now})
+            self._beat_worker(conn, worker_id, task.id, now)
         return alive == 1
+
+    def _beat_worker(self, conn: Connection, worker_id: str, task_id: int | None, now: float) -> None:
+        self._run(conn, "heartbeat_worker", {"worker_id": worker_id, "task_id": task_id, "now": now})
+        self._run(conn, "watch_worker_beat", {"worker_id": worker_id, "now": now})
 
     def finish(self, task: ClaimedTask, outcome: TaskOutcome, now: float) -> bool:
         """Record the result; False (and an event) when the lease is no longer this attempt's."""
@@ -532,10 +665,11 @@ class Store:
                 "slurm_job_id": slurm.get("job_id"), "slurm_array_job_id": slurm.get("array_job_id"),
                 "slurm_array_task_id": slurm.get("array_task_id"),
             })
+            self._run(conn, "watch_worker_beat", {"worker_id": worker_id, "now": now})
 
     def worker_heartbeat(self, worker_id: str, now: float) -> None:
-        with self._write() as conn:
-            self._run(conn, "heartbeat_worker", {"worker_id": worker_id, "task_id": None, "now": now})
+        with self._write(ordered=False) as conn:
+            self._beat_worker(conn, worker_id, None, now)
 
     def stop_worker(self, worker_id: str, now: float, state: str = "stopped") -> None:
         with self._write() as conn:
@@ -548,22 +682,45 @@ class Store:
         with self._read() as conn:
             return list(self._run(conn, "running_tasks"))
 
-    def reap(self, now: float, grace_s: float, gone_workers: Iterable[str] = ()) -> ReapReport:
-        """Give back running rows whose heartbeat is older than `grace_s`, and those held by
-        `gone_workers` (known dead: the process exited, Slurm forgot the job). A lost attempt stays spent."""
+    def reap(self, now: float, grace_s: float, gone_workers: Iterable[str] = (),
+             observer: str | None = None) -> ReapReport:
+        """Give back running rows whose heartbeat counter stood still for `grace_s` on the
+        `observer` host's clock (`now`), and those held by `gone_workers` (known dead: the process
+        exited, Slurm forgot the job) at once. A lost attempt spends one of the row's max_losses.
+
+        No stamp written on one node is ever compared with another node's clock: the observer
+        records when it saw each counter change (liveness, migration 0002), and a row it sees for
+        the first time waits a whole grace. Workers on the observer's own host record their beats
+        for it as they beat, so it judges them at once.
+        """
+        observer = observer or this_host()
         gone = set(gone_workers)
         released: list[int] = []
         failed: list[int] = []
         with self._write() as conn:
-            rows = list(self._run(conn, "running_tasks"))
-            for row in rows:
-                stale = row.heartbeat_at is not None and row.heartbeat_at < now - grace_s
+            seen = {row.subject: (row.beats, row.seen_at)
+                    for row in self._run(conn, "seen_by", {"observer": observer})}
+
+            def silent_for(subject: str, beats: int) -> float | None:
+                """Seconds the counter has stood still on this observer's clock; None when it just moved."""
+                last = seen.get(subject)
+                if last is None or last[0] != beats:
+                    self._run(conn, "watch", {"subject": subject, "observer": observer, "beats": beats, "now": now})
+                    return None
+                return now - last[1]
+
+            for row in list(self._run(conn, "running_tasks")):
+                silent = silent_for(row.lease, row.beats)
+                stale = silent is not None and silent > grace_s
                 if not stale and row.worker_id not in gone:
                     continue
                 why = (f"worker {row.worker_id} is gone" if row.worker_id in gone else
-                       f"worker {row.worker_id} silent for {now - row.heartbeat_at:.0f} s (grace {grace_s:.0f} s)")
-                changed = self._run(conn, "reap_task",
-                                    {"task_id": row.id, "lease": row.lease, "error": why, "now": now}).rowcount
+                       f"worker {row.worker_id} silent for {silent:.0f} s on {observer}'s clock "
+                       f"(grace {grace_s:.0f} s)")
+                final = (f"lost {row.losses + 1} times: its worker died or vanished every time it ran this row "
+                         f"(out of memory? a node fault? preemption?); last: {why}")
+                changed = self._run(conn, "reap_task", {"task_id": row.id, "lease": row.lease, "error": why,
+                                                        "final_error": final, "now": now}).rowcount
                 if changed != 1:
                     continue
                 self._run(conn, "end_attempt", {"lease": row.lease, "now": now, "outcome": "reaped",
@@ -572,9 +729,11 @@ class Store:
                                               "worker_id": row.worker_id, "message": why})
                 status = self._run(conn, "task_status", {"task_id": row.id}).scalar()
                 (failed if status == "failed" else released).append(row.id)
-            self._run(conn, "lose_stale_workers", {"cutoff": now - grace_s, "now": now})
-            for worker_id in gone:
-                self._run(conn, "stop_worker", {"worker_id": worker_id, "now": now, "state": "lost"})
+            for worker in list(self._run(conn, "running_workers")):
+                silent = silent_for(f"worker:{worker.id}", worker.beats)
+                if worker.id in gone or (silent is not None and silent > grace_s):
+                    self._run(conn, "stop_worker", {"worker_id": worker.id, "now": now, "state": "lost"})
+            self._run(conn, "forget_ended")
         return ReapReport(released=released, failed=failed)
 
     # ------------------------------------------------------------------ reading for status and reports

@@ -26,12 +26,12 @@ ON CONFLICT (name) DO NOTHING;
 SELECT config_hash, video, id FROM tasks;
 
 -- name: insert_task
-INSERT INTO tasks (config_hash, video, kind, depends_on, priority, max_attempts, estimate_s, created_at)
-VALUES (:config_hash, :video, :kind, :depends_on, :priority, :max_attempts, :estimate_s, :now);
+INSERT INTO tasks (config_hash, video, kind, depends_on, priority, max_attempts, max_losses, estimate_s, created_at)
+VALUES (:config_hash, :video, :kind, :depends_on, :priority, :max_attempts, :max_losses, :estimate_s, :now);
 
 -- name: insert_task.postgresql
-INSERT INTO tasks (config_hash, video, kind, depends_on, priority, max_attempts, estimate_s, created_at)
-VALUES (:config_hash, :video, :kind, :depends_on, :priority, :max_attempts, :estimate_s, :now)
+INSERT INTO tasks (config_hash, video, kind, depends_on, priority, max_attempts, max_losses, estimate_s, created_at)
+VALUES (:config_hash, :video, :kind, :depends_on, :priority, :max_attempts, :max_losses, :estimate_s, :now)
 RETURNING id;
 
 -- name: record_submission
@@ -101,14 +101,47 @@ SELECT COUNT(*) FROM tasks AS t
  WHERE t.status = 'pending' AND d.status IN ('pending', 'running');
 
 -- name: heartbeat_task
-UPDATE tasks SET heartbeat_at = :now
+UPDATE tasks SET heartbeat_at = :now, beats = beats + 1
  WHERE id = :task_id AND lease = :lease AND status = 'running';
 
 -- name: heartbeat_attempt
 UPDATE attempts SET heartbeat_at = :now WHERE lease = :lease AND outcome IS NULL;
 
 -- name: heartbeat_worker
-UPDATE workers SET heartbeat_at = :now, current_task = :task_id WHERE id = :worker_id;
+UPDATE workers SET heartbeat_at = :now, beats = beats + 1, current_task = :task_id WHERE id = :worker_id;
+
+-- ---------------------------------------------------------------- liveness (0002)
+-- A heartbeat (and the claim) also records, for the worker's own host, that the counter changed
+-- now on that host's clock, so a reaper on the same host judges it at once; a reaper on another
+-- host records the changes it sees on its own clock (`watch`).
+
+-- name: watch_claim
+INSERT INTO liveness (subject, observer, beats, seen_at)
+SELECT :lease, w.host, 0, :now FROM workers AS w WHERE w.id = :worker_id
+ON CONFLICT (subject, observer) DO UPDATE SET beats = excluded.beats, seen_at = excluded.seen_at;
+
+-- name: watch_task_beat
+INSERT INTO liveness (subject, observer, beats, seen_at)
+SELECT t.lease, w.host, t.beats, :now FROM tasks AS t, workers AS w
+ WHERE t.id = :task_id AND t.lease = :lease AND t.status = 'running' AND w.id = :worker_id
+ON CONFLICT (subject, observer) DO UPDATE SET beats = excluded.beats, seen_at = excluded.seen_at;
+
+-- name: watch_worker_beat
+INSERT INTO liveness (subject, observer, beats, seen_at)
+SELECT 'worker:' || w.id, w.host, w.beats, :now FROM workers AS w WHERE w.id = :worker_id
+ON CONFLICT (subject, observer) DO UPDATE SET beats = excluded.beats, seen_at = excluded.seen_at;
+
+-- name: watch
+INSERT INTO liveness (subject, observer, beats, seen_at) VALUES (:subject, :observer, :beats, :now)
+ON CONFLICT (subject, observer) DO UPDATE SET beats = excluded.beats, seen_at = excluded.seen_at;
+
+-- name: seen_by
+SELECT subject, beats, seen_at FROM liveness WHERE observer = :observer;
+
+-- name: forget_ended
+DELETE FROM liveness
+ WHERE subject NOT IN (SELECT lease FROM tasks WHERE status = 'running' AND lease IS NOT NULL)
+   AND subject NOT IN (SELECT 'worker:' || id FROM workers WHERE state = 'running');
 
 -- name: finish_task
 UPDATE tasks
@@ -125,11 +158,11 @@ SELECT :task_id, a.id, :status, :psnr, :ssim, :lpips, :trivial_psnr, :trivial_ss
   FROM attempts AS a WHERE a.lease = :lease;
 
 -- name: fail_task
--- An error spends the attempt; the row is retried until max_attempts, then failed for good.
+-- An error spends one of max_attempts; the row is retried until they are spent, then failed for good.
 UPDATE tasks
-   SET status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
-       finished_at = CASE WHEN attempts >= max_attempts THEN :now ELSE NULL END,
-       lease = NULL, worker_id = NULL, heartbeat_at = NULL, error = :error
+   SET status = CASE WHEN errors + 1 >= max_attempts THEN 'failed' ELSE 'pending' END,
+       finished_at = CASE WHEN errors + 1 >= max_attempts THEN :now ELSE NULL END,
+       errors = errors + 1, lease = NULL, worker_id = NULL, heartbeat_at = NULL, error = :error
  WHERE id = :task_id AND lease = :lease AND status = 'running';
 
 -- name: release_task
@@ -158,17 +191,20 @@ SELECT id, lease, worker_id, heartbeat_at FROM tasks
  WHERE status = 'running' AND heartbeat_at < :cutoff;
 
 -- name: running_tasks
-SELECT t.id, t.lease, t.worker_id, t.heartbeat_at, w.slurm_job_id, w.slurm_array_job_id,
-       w.slurm_array_task_id
+SELECT t.id, t.lease, t.worker_id, t.heartbeat_at, t.beats, t.losses, t.max_losses, w.slurm_job_id,
+       w.slurm_array_job_id, w.slurm_array_task_id
   FROM tasks AS t LEFT JOIN workers AS w ON w.id = t.worker_id
  WHERE t.status = 'running';
 
 -- name: reap_task
--- A lost attempt was spent (the worker may have crashed the node): retried until max_attempts.
+-- A lost attempt (killed, preempted, vanished) spends one of max_losses, not of max_attempts: a
+-- preemptible partition must not fail a row that never erred. A row that kills its worker every
+-- time (out of memory) still ends failed, with :final_error saying so.
 UPDATE tasks
-   SET status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
-       finished_at = CASE WHEN attempts >= max_attempts THEN :now ELSE NULL END,
-       lease = NULL, worker_id = NULL, heartbeat_at = NULL, error = :error
+   SET status = CASE WHEN losses + 1 >= max_losses THEN 'failed' ELSE 'pending' END,
+       finished_at = CASE WHEN losses + 1 >= max_losses THEN :now ELSE NULL END,
+       error = CASE WHEN losses + 1 >= max_losses THEN :final_error ELSE :error END,
+       losses = losses + 1, lease = NULL, worker_id = NULL, heartbeat_at = NULL
  WHERE id = :task_id AND lease = :lease AND status = 'running';
 
 -- name: log_event
@@ -189,9 +225,8 @@ UPDATE workers SET tasks_done = tasks_done + 1, current_task = NULL, heartbeat_a
 UPDATE workers SET state = :state, stopped_at = :now, current_task = NULL
  WHERE id = :worker_id AND state = 'running';
 
--- name: lose_stale_workers
-UPDATE workers SET state = 'lost', stopped_at = :now, current_task = NULL
- WHERE state = 'running' AND heartbeat_at < :cutoff;
+-- name: running_workers
+SELECT id, beats FROM workers WHERE state = 'running';
 
 -- ---------------------------------------------------------------- reads for status and report
 

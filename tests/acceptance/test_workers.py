@@ -26,7 +26,7 @@ from sqlalchemy import text
 
 from hparray.store import Store
 from hparray.tasks import ClaimedTask, TaskOutcome
-from tests.conftest import Project
+from tests.conftest import REPO, Project
 
 # Rows that must never be reaped in the throughput tests: a worker starved of CPU for a few seconds
 # is not dead, and a reap there would (correctly) run a row twice and blur what is measured.
@@ -383,3 +383,36 @@ def test_when_workers_keep_dying_submit_says_what_the_last_one_said(make_project
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "gave up" in lines[0], result.stderr
     assert "no CUDA-capable device is detected on gpu-node-7" in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- faults between processes
+
+
+OTHER_NODE = Path(__file__).resolve().parent.parent / "support" / "othernode"
+
+
+def test_workers_on_nodes_ten_minutes_apart_reap_no_healthy_row(
+        make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
+    """One worker's clock 10 minutes ahead, one 10 minutes behind, a 3 s grace: liveness must not
+    rest on comparing one node's stamps with another node's clock."""
+    project = make_project(categories=("pan", "zoom"), per_category=3, lr_values=lr_values(6),
+                           **{"data.num_videos": 6})
+    store = plan(project)
+    try:
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        group = workers(project)
+        for host, shift in (("node-ahead", 600), ("node-behind", -600)):
+            group.start("worker", "--poll-s", "0.2", env={
+                "PYTHONPATH": f"{OTHER_NODE}{os.pathsep}{REPO}",
+                "HPARRAY_TEST_HOST": host, "HPARRAY_TEST_CLOCK_SHIFT_S": str(shift),
+                "HPARRAY_TEST_TASK_S": "0.3", "HPARRAY_TEST_MARK_DIR": str(marks)})
+        codes = group.wait_all(progress=lambda: rows(store, "SELECT COUNT(*) FROM attempts")[0][0])
+        assert codes == [0, 0], group.output()[-4000:]
+        hosts = {row.host for row in rows(store, "SELECT host FROM workers")}
+        assert hosts == {"node-ahead", "node-behind"}  # the workers did look like two nodes
+        outcomes = dict(rows(store, "SELECT outcome, COUNT(*) FROM attempts GROUP BY outcome"))
+        assert outcomes == {"done": 42}, outcomes  # 6 videos x (1 inference + 6 fine-tune); none reaped
+        assert dict(rows(store, "SELECT state, COUNT(*) FROM workers GROUP BY state")) == {"stopped": 2}
+    finally:
+        store.close()

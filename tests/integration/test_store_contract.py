@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ from sqlalchemy import inspect, text
 
 from hparray.config import load_sweep
 from hparray.plan import Plan, build_plan, select_videos
-from hparray.store import Store, migration_files
+from hparray.store import Store, migration_files, this_host
 from hparray.tasks import ClaimedTask, TaskOutcome
 from tests.conftest import Project, subprocess_env
 
@@ -82,8 +84,9 @@ def one_video(make_project: Callable[..., Project]) -> Plan:
 
 @pytest.fixture
 def worker(store: Store) -> str:
-    store.register_worker("w1", "host", 1, T0)
-    store.register_worker("w2", "host", 2, T0)
+    """Two workers on this host: the reaper (this host too, by default) judges them on one clock."""
+    store.register_worker("w1", this_host(), 1, T0)
+    store.register_worker("w2", this_host(), 2, T0)
     return "w1"
 
 
@@ -348,8 +351,9 @@ def test_rows_of_gone_workers_are_reaped_at_once(store: Store, one_video: Plan, 
     assert one(store, "SELECT state FROM workers WHERE id = 'w2'").state == "lost"
 
 
-def test_reaping_the_last_attempt_fails_the_row(store: Store, one_video: Plan, worker: str) -> None:
-    apply(store, one_video, max_attempts=1)
+def test_reaping_the_last_allowed_loss_fails_the_row(store: Store, one_video: Plan, worker: str) -> None:
+    store.apply_plan(one_video.config_rows(), one_video.search_config_rows(), one_video.video_rows(),
+                     one_video.tasks, 3, T0, max_losses=1)
     task = store.claim(worker, T0)
     assert task is not None
     assert store.reap(T0 + GRACE_S + 1, GRACE_S).failed == [task.id]
@@ -411,3 +415,156 @@ def test_a_claimed_task_carries_what_the_runner_needs(store: Store, one_video: P
                            condition_frames=baseline.hp.condition_frames, finetune_steps=None,
                            estimate_s=one_video.tasks[0].estimate_s)
     assert task == expected
+
+
+# ---------------------------------------------------------------- faults: skew, losses, a stuck writer
+
+
+def test_liveness_needs_no_agreement_between_the_nodes_clocks(store: Store, one_video: Plan) -> None:
+    """w1 runs on a node 600 s ahead, w2 on one 600 s behind; each node's reaper judges the other's
+    rows by whether their heartbeat counter moves, on its own clock."""
+    ahead, behind = (lambda t: T0 + t + 600), (lambda t: T0 + t - 600)
+    store.register_worker("w1", "node-a", 1, ahead(0))
+    store.register_worker("w2", "node-b", 2, behind(0))
+    apply(store, one_video)
+    held = store.claim("w2", behind(0))  # the baseline row, held by the node behind
+    assert held is not None
+    for t in range(1, 4 * int(GRACE_S)):  # w2 beats every second; node-a reaps every second
+        assert store.heartbeat(held, "w2", behind(t))
+        report = store.reap(ahead(t), GRACE_S, observer="node-a")
+        assert report.released == report.failed == [], f"a healthy row was reaped at t={t}"
+    assert task_row(store, held.id).status == "running"
+    # w2 falls silent: node-a, on its own clock, gives the row back one grace after the last change.
+    last = 4 * int(GRACE_S)
+    assert store.reap(ahead(last + GRACE_S - 2), GRACE_S, observer="node-a").released == []
+    assert store.reap(ahead(last + GRACE_S + 1), GRACE_S, observer="node-a").released == [held.id]
+
+
+def test_a_node_that_sees_a_row_first_waits_a_whole_grace_on_its_own_clock(store: Store, one_video: Plan) -> None:
+    store.register_worker("w1", "node-a", 1, T0)
+    apply(store, one_video)
+    held = store.claim("w1", T0)
+    assert held is not None
+    # node-c's clock says hours later: its first look is only a first observation, never a verdict.
+    later = T0 + 10_000
+    assert store.reap(later, GRACE_S, observer="node-c").released == []
+    assert store.reap(later + GRACE_S - 1, GRACE_S, observer="node-c").released == []
+    assert store.reap(later + GRACE_S + 1, GRACE_S, observer="node-c").released == [held.id]
+
+
+def test_losses_have_their_own_budget_so_preemptions_do_not_fail_a_row(
+        store: Store, one_video: Plan, worker: str) -> None:
+    apply(store, one_video, max_attempts=3)
+    for n in range(1, 10):  # preempted nine times: the row never erred, so it is still worth running
+        task = store.claim(worker, T0 + n)
+        assert task is not None and task.kind == "baseline", f"claim {n}"
+        assert store.reap(T0 + n, GRACE_S, gone_workers=[worker]).released == [task.id]
+        store.register_worker(worker + f"-{n}", this_host(), n, T0 + n)
+        worker = worker + f"-{n}"
+    row = task_row(store, task.id)
+    assert (row.status, row.errors, row.losses) == ("pending", 0, 9)
+    # The tenth loss (a row that kills its worker every time, e.g. out of memory) fails it, saying so.
+    task = store.claim(worker, T0 + 10)
+    assert task is not None
+    assert store.reap(T0 + 10, GRACE_S, gone_workers=[worker]).failed == [task.id]
+    row = task_row(store, task.id)
+    assert row.status == "failed" and "lost 10 times" in row.error and "out of memory" in row.error
+
+
+def test_errors_spend_the_error_budget_only(store: Store, one_video: Plan, worker: str) -> None:
+    apply(store, one_video, max_attempts=2)
+    task = store.claim(worker, T0)
+    assert task is not None
+    store.reap(T0, GRACE_S, gone_workers=[worker])  # one loss
+    store.register_worker("w3", this_host(), 3, T0)
+    task = store.claim("w3", T0 + 1)
+    assert task is not None and store.fail(task, "RuntimeError: one", "tb", T0 + 2) == "pending"
+    task = store.claim("w3", T0 + 3)
+    assert task is not None and store.fail(task, "RuntimeError: two", "tb", T0 + 4) == "failed"
+    row = task_row(store, task.id)
+    assert (row.errors, row.losses) == (2, 1)
+
+
+STUCK_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from hparray.store import Store
+    store = Store.open(sys.argv[1], create=False)
+    with store._write():
+        print("inside", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+""")
+
+
+@contextmanager
+def stuck_writer(db_url: str) -> Iterator[subprocess.Popen[str]]:
+    """Another process stopped (SIGSTOP) inside a write transaction: as under Ctrl-Z or a debugger."""
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_WRITER, db_url], stdout=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "inside"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_writer_stopped_inside_a_transaction_bounds_every_other_writer(
+        store: Store, one_video: Plan, worker: str, monkeypatch) -> None:
+    import threading
+
+    from hparray import store as store_module
+    from hparray.errors import StoreError
+
+    if store.dialect != "sqlite":
+        pytest.skip("the writer lock is SQLite's")
+    apply(store, one_video)
+    monkeypatch.setattr(store_module, "SQLITE_BUSY_TIMEOUT_S", 1.0)
+    outcome: dict[str, object] = {}
+
+    def claim() -> None:
+        try:
+            outcome["task"] = store.claim(worker, T0)
+        except StoreError as err:
+            outcome["error"] = str(err)
+
+    with stuck_writer(store.url):
+        thread = threading.Thread(target=claim, daemon=True)
+        thread.start()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "a claim waited on the stopped writer with no limit"
+    assert "stayed locked by another process for over 1 s" in str(outcome.get("error")), outcome
+
+
+FLOCK_HOLDER = textwrap.dedent("""
+    import fcntl, sys, time
+    fh = open(sys.argv[1], "a+")
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(3600)
+""")
+
+
+def test_a_heartbeat_is_not_held_up_behind_the_writer_lock(store: Store, one_video: Plan, worker: str) -> None:
+    """A process that holds the writer lock but no database lock (stopped between the two) delays no
+    heartbeat: beats skip the queue, SQLite's own lock guards them."""
+    import threading
+
+    from hparray.store import WriterLock
+
+    if store.dialect != "sqlite":
+        pytest.skip("the writer lock is SQLite's")
+    apply(store, one_video)
+    task = store.claim(worker, T0)
+    assert task is not None
+    lock_file = WriterLock.for_database(Path(store.url.removeprefix("sqlite:///"))).path
+    holder = subprocess.Popen([sys.executable, "-c", FLOCK_HOLDER, str(lock_file)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        beat: dict[str, object] = {}
+        thread = threading.Thread(target=lambda: beat.update(ok=store.heartbeat(task, worker, T0 + 1)), daemon=True)
+        thread.start()
+        thread.join(timeout=120)
+        assert beat.get("ok") is True, "the heartbeat waited behind the writer lock"
+    finally:
+        holder.kill()
+        holder.wait()
