@@ -130,15 +130,15 @@ def run_sweep(root: Path, videos: int, steps: int, journal: str, model_path: str
     for name, task_of in (("claim", _claimed), ("heartbeat", _task_arg), ("finish", _task_arg),
                           ("fetch", _none), ("scalar", _none), ("reap", _none), ("waiting_work", _none)):
         setattr(store, name, recorder.wrap(name, getattr(store, name), task_of))
-    originals = (experiment_module.write_artifacts, Experiment.matches_plan, Experiment.load)
-    experiment_module.write_artifacts = recorder.wrap("artifacts", experiment_module.write_artifacts, _none)
+    originals = (experiment_module.stage_artifacts, Experiment.matches_plan, Experiment.load)
+    experiment_module.stage_artifacts = recorder.wrap("artifacts", experiment_module.stage_artifacts, _none)
     Experiment.matches_plan = recorder.wrap("check", Experiment.matches_plan,  # type: ignore[method-assign]
                                             lambda args, _r: getattr(args[1], "id", None))
     Experiment.load = recorder.wrap("load", Experiment.load, _none)  # type: ignore[method-assign]
     try:
         summary = run_worker(sweep.settings, store)
     finally:
-        experiment_module.write_artifacts = originals[0]
+        experiment_module.stage_artifacts = originals[0]
         Experiment.matches_plan = originals[1]  # type: ignore[method-assign]
         Experiment.load = originals[2]  # type: ignore[method-assign]
         store.close()
@@ -181,7 +181,7 @@ def artifacts_at(frames: int, height: int, width: int, scratch: Path) -> tuple[f
     """Seconds to write one task's artifacts (frames.npz + generated.mp4) at this size, and bytes.
 
     The frames are a smooth moving pattern plus a little noise, like a model's float output."""
-    from hparray.experiment import write_artifacts
+    from hparray.experiment import stage_artifacts
 
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     rng = np.random.default_rng(0)
@@ -190,9 +190,9 @@ def artifacts_at(frames: int, height: int, width: int, scratch: Path) -> tuple[f
     video = np.clip(video + rng.normal(0, 0.01, video.shape), 0, 1).astype(np.float32)
     target = scratch / f"artifacts-{width}x{height}"
     started = time.perf_counter()
-    write_artifacts(video, [target], 25)
+    staged = stage_artifacts(video, target, 25, "bench")
     seconds = time.perf_counter() - started
-    return seconds, sum(f.stat().st_size for f in target.iterdir())
+    return seconds, sum(f.stat().st_size for f in staged.iterdir())
 
 
 def main(argv: list[str] | None = None) -> None:

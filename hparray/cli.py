@@ -220,7 +220,7 @@ def worker(ctx: Context, max_tasks: int | None, worker_id: str | None, poll_s: f
     summary = run_worker(ctx.settings(), ctx.store(create=False), max_tasks=max_tasks, worker_id=worker_id,
                          poll_s=poll_s)
     err_console.print(f"worker done: {summary.done} done, {summary.diverged} diverged, {summary.errors} errors, "
-                      f"{summary.released} released ({summary.stop_reason})")
+                      f"{summary.released} released, {summary.fenced} fenced ({summary.stop_reason})")
 
 
 # ---------------------------------------------------------------- submit
@@ -274,7 +274,12 @@ def submit(ctx: Context, local: bool, workers: int | None, partition: str | None
     before = Counts.read(store)
     todo = before.to_run
     if todo == 0:
-        console.print("nothing to run: every planned row is finished. `hparray status` shows the results.")
+        if before.failed or before.blocked:
+            console.print(f"nothing to run now: {before.failed} rows failed for good and {before.blocked} more wait "
+                          "behind failed or diverged un-fine-tuned rows. `hparray status` shows why they failed; "
+                          "`hparray retry --failed` runs them again after a fix.")
+        else:
+            console.print("nothing to run: every planned row is finished. `hparray status` shows the results.")
         return
     console.print(f"running {todo} rows with {count} local worker(s); logs in {log_dir}; Ctrl-C stops cleanly")
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -283,7 +288,9 @@ def submit(ctx: Context, local: bool, workers: int | None, partition: str | None
 
         def refresh() -> None:
             now = Counts.read(store)
-            progress.update(bar, completed=now.finished - before.finished,
+            done = now.finished - before.finished
+            # Rows planned while this runs join the bar: its total is what is done plus what is left.
+            progress.update(bar, completed=done, total=done + now.to_run,
                             detail=f"running {now.running}, failed {now.failed}")
 
         report = LocalExecutor(store, [*ctx.global_args(store), "worker"], count,
@@ -442,6 +449,16 @@ def render_status(s: SweepStatus) -> list[RenderableType]:
         for entry in s.slurm_jobs:
             table.add_row(entry["job_id"], str(entry["array_size"]), str(entry["throttle"]),
                           time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["submitted_at"])), entry["summary"])
+        parts.append(table)
+    if s.failed_rows:
+        table = Table(title=f"failed rows ({s.failed} in all; `hparray retry --failed` runs them again)",
+                      title_justify="left")
+        for column in ("row", "config", "video", "errors/losses", "last error"):
+            table.add_column(column, overflow="fold")
+        for failed in s.failed_rows:
+            first = (failed["error"].splitlines() or [""])[0]
+            table.add_row(f"#{failed['task_id']}", failed["config"], failed["video"],
+                          f"{failed['errors']}/{failed['losses']}", escape(first[:200]))
         parts.append(table)
     for row in s.hung:
         parts.append(f"[yellow]hung[/]: row #{row['task_id']} in Slurm task {row['slurm_task']} ({row['slurm_state']}) "

@@ -62,6 +62,7 @@ class DataSettings:
 class TaskSettings:
     max_attempts: int
     max_losses: int
+    circuit_breaker: int
     gpu_minutes_per_task: float
     baseline_gpu_minutes: float
     heartbeat_interval_s: float
@@ -321,11 +322,13 @@ def load_settings(config_dir: Path) -> Settings:
     if not metrics:
         raise top.error("metrics", "is empty", f"list at least one of {', '.join(METRICS)}")
 
-    t = top.sub("tasks", ("max_attempts", "max_losses", "gpu_minutes_per_task", "baseline_gpu_minutes",
+    t = top.sub("tasks", ("max_attempts", "max_losses", "circuit_breaker", "gpu_minutes_per_task",
+                          "baseline_gpu_minutes",
                           "heartbeat_interval_s", "heartbeat_grace_s"))
     tasks = TaskSettings(
         max_attempts=t.get("max_attempts", int, 3, _at_least(1)),
         max_losses=t.get("max_losses", int, 10, _at_least(1)),
+        circuit_breaker=t.get("circuit_breaker", int, 3, _at_least(0)),
         gpu_minutes_per_task=t.get("gpu_minutes_per_task", float, 5.0, _positive),
         baseline_gpu_minutes=t.get("baseline_gpu_minutes", float, 1.0, _positive),
         heartbeat_interval_s=t.get("heartbeat_interval_s", float, 30.0, _positive),

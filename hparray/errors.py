@@ -52,5 +52,16 @@ class MetricsError(HparrayError):
     """Metrics cannot be computed honestly (e.g. LPIPS weights missing or not genuine)."""
 
 
+class WorkerStopped(HparrayError):
+    """A worker stopped on purpose, for a reason that restarting it here would not fix (its configs
+    differ from the plan, or the circuit breaker tripped): supervisors must not respawn it."""
+
+    exit_code = 3
+
+
+class OutputError(HparrayError):
+    """A result file cannot be written (a full disk, no permission); the message names the path."""
+
+
 class SlurmError(HparrayError):
     """A Slurm command failed or Slurm cannot be reached."""

@@ -23,6 +23,9 @@ from hparray.store import Store
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+# Exit codes of a worker that must not be replaced: 2, bad input (its configs differ from the
+# plan); 3, WorkerStopped (the circuit breaker tripped).
+NO_RESPAWN = (2, 3)
 STOP_WAIT_S = 30.0
 
 
@@ -35,6 +38,7 @@ class Counts:
     running: int
     failed: int
     runnable: int
+    blocked: int = 0  # pending behind a failed or diverged dependency: runs only after a retry
 
     @classmethod
     def read(cls, store: Store) -> Counts:
@@ -42,7 +46,7 @@ class Counts:
         blocked = int(store.scalar("blocked_tasks") or 0)
         return cls(finished=sum(totals.get(s, 0) for s in ("done", "diverged", "failed")),
                    running=totals.get("running", 0), failed=totals.get("failed", 0),
-                   runnable=totals.get("pending", 0) - blocked)
+                   runnable=totals.get("pending", 0) - blocked, blocked=blocked)
 
     @property
     def to_run(self) -> int:
@@ -82,7 +86,7 @@ def last_error_line(log_path: Path) -> str:
     except OSError:
         return "(no log)"
     errors = [line for line in lines if line.startswith("error:") or " ERROR " in line]
-    return (errors or lines or ["(empty log)"])[-1]
+    return (errors or lines or ["(empty log)"])[-1].removeprefix("error: ")
 
 
 class LocalExecutor:
@@ -153,6 +157,13 @@ class LocalExecutor:
                     self.report.exit_codes.append(code)
                     if code != 0:  # its row, if any, need not wait out the heartbeat grace
                         self.store.reap(time.time(), self.grace_s, gone_workers=[worker_id])
+                    if code in NO_RESPAWN and not self.report.interrupted:
+                        # It stopped on purpose (configs that differ from the plan, a tripped circuit
+                        # breaker): another worker here would stop the same way. Say why, once.
+                        log_path = self.log_dir / f"worker-{slot}.log"
+                        if not self.report.gave_up:
+                            self.report.gave_up = f"a worker stopped: {last_error_line(log_path)} (see {log_path})"
+                        continue
                     if code != 0 and not self.report.interrupted and self._work_left():
                         finished = Counts.read(self.store).finished
                         if finished == self._finished_at_last_death:

@@ -6,8 +6,10 @@ built-in run and a user's script are measured by the same ruler.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -48,6 +50,7 @@ class Experiment:
         self._loaded = False
         self._load_s = 0.0
         self._videos: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._links: dict[str, list[Path]] = {}  # staged folder -> the other folders that link to it
 
     def load(self) -> None:
         """Load the model once; its time is charged to the first task."""
@@ -104,31 +107,58 @@ class Experiment:
             timings["metrics"] = time.perf_counter() - scoring
             outcome.lpips_weights = self.scorer.lpips_weights
             if artifact_dirs:
-                outcome.artifact_dir = str(write_artifacts(generation.frames, artifact_dirs,
-                                                           self.settings.model["frame_rate"]))
+                staged = stage_artifacts(generation.frames, artifact_dirs[0], self.settings.model["frame_rate"],
+                                         task.lease)
+                outcome.artifact_dir, outcome.staged_dir = str(artifact_dirs[0]), str(staged)
+                self._links[str(staged)] = artifact_dirs[1:]
         timings["wall"] = time.perf_counter() - started
         return outcome
 
 
-def write_artifacts(frames: np.ndarray, dirs: list[Path], fps: int) -> Path:
-    """frames.npz (lossless float32) and generated.mp4 (to watch), each written to a temporary
-    name and renamed, so a killed worker never leaves half a file; other dirs become symlinks."""
-    target = dirs[0]
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = target / f".frames.{os.getpid()}.npz"
-    np.savez_compressed(tmp, frames=frames.astype(np.float32))
-    os.replace(tmp, target / "frames.npz")
-    tmp = target / f".generated.{os.getpid()}.mp4"
-    write_mp4(tmp, frames, fps)
-    os.replace(tmp, target / "generated.mp4")
-    for other in dirs[1:]:
+    def settle(self, outcome: TaskOutcome, won: bool) -> None:
+        """After the finish: the attempt that won the row publishes its artifacts; a fenced one
+        (its row was reaped and run again) drops them, so it never overwrites the winner's."""
+        if outcome.staged_dir is None or outcome.artifact_dir is None:
+            return
+        links = self._links.pop(outcome.staged_dir, [])
+        if won:
+            publish_artifacts(Path(outcome.staged_dir), Path(outcome.artifact_dir), links)
+        else:
+            shutil.rmtree(outcome.staged_dir, ignore_errors=True)
+
+
+def staging_dir(target: Path, lease: str) -> Path:
+    """The attempt-private folder next to `target`: hidden, and named by the attempt's lease."""
+    return target.parent / f".{target.name}.{lease[:12]}.partial"
+
+
+def stage_artifacts(frames: np.ndarray, target: Path, fps: int, lease: str) -> Path:
+    """frames.npz (lossless float32) and generated.mp4 (to watch) in this attempt's own folder;
+    on any error (a full disk) the folder is removed, so nothing half-written is left behind."""
+    staged = staging_dir(target, lease)
+    try:
+        staged.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(staged / "frames.npz", frames=frames.astype(np.float32))
+        write_mp4(staged / "generated.mp4", frames, fps)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged
+
+
+def publish_artifacts(staged: Path, target: Path, links: list[Path]) -> None:
+    """Rename the winning attempt's folder into place (whatever an older sweep left there goes);
+    the other searches holding the same config get a relative symlink to it."""
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
+    os.replace(staged, target)
+    for other in links:
         other.parent.mkdir(parents=True, exist_ok=True)
         if not other.exists() and not other.is_symlink():
-            try:
+            with contextlib.suppress(FileExistsError):  # another search's link, made a moment ago
                 other.symlink_to(os.path.relpath(target, other.parent), target_is_directory=True)
-            except FileExistsError:
-                pass  # another attempt of the same row linked it first
-    return target
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:

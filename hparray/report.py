@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from hparray.config import Settings, format_value
+from hparray.errors import OutputError
 from hparray.store import Store
 
 METRICS = ("psnr", "ssim", "lpips")
@@ -528,7 +529,10 @@ def build_report(settings: Settings, store: Store, out: Path | None = None, now:
     out = Path(out) if out is not None else settings.output_path()
     report, rows = compute(store, now)
     plots_dir = out / "plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        plots_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable(plots_dir, err) from None
     files: dict[str, Path] = {}
     files["summary"] = _write(out / "summary.json", json.dumps(report.summary_json(), indent=2) + "\n")
     files["progress"] = _write(out / "progress.json", json.dumps(report.progress_json(), indent=2) + "\n")
@@ -554,9 +558,16 @@ def _write(path: Path, data: str | bytes) -> Path:
         else:
             tmp.write_bytes(data)
         os.replace(tmp, path)
+    except OSError as err:
+        raise _unwritable(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _unwritable(path: Path, err: OSError) -> OutputError:
+    return OutputError(f"cannot write {path} ({err.strerror or err}): free space there or fix its permissions, "
+                       "or write the report elsewhere with --out DIR")
 
 
 def per_video_csv(rows: list[TaskRow]) -> str:

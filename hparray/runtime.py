@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 from hparray.config import Settings
-from hparray.errors import HparrayError
+from hparray.errors import WorkerStopped
 from hparray.experiment import Experiment
 from hparray.store import Store
 from hparray.tasks import ClaimedTask
-from hparray.worker import ConfigMismatch, Worker, WorkerIdentity, WorkerSummary
+from hparray.worker import CircuitOpen, ConfigMismatch, Worker, WorkerIdentity, WorkerSummary
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def run_worker(settings: Settings, store: Store, *, max_tasks: int | None = None
         heartbeat_interval_s=settings.tasks.heartbeat_interval_s,
         heartbeat_grace_s=settings.tasks.heartbeat_grace_s, max_tasks=max_tasks, poll_s=poll_s,
         deadline=job_deadline(), signal_grace_s=settings.slurm.signal_grace_s,
-        expected_duration=clock.expected, check=experiment.matches_plan,
+        expected_duration=clock.expected, check=experiment.matches_plan, settle=experiment.settle,
+        circuit_breaker=settings.tasks.circuit_breaker,
     )
     log.info("worker %s starting (pid %d, gpu %s)", identity.id, identity.pid, identity.gpu)
     started = time.time()
@@ -78,7 +79,7 @@ def run_worker(settings: Settings, store: Store, *, max_tasks: int | None = None
     log.info("model loaded in %.1f s", time.time() - started)
     try:
         summary = worker.run()
-    except ConfigMismatch as err:
-        raise HparrayError(str(err)) from None
+    except (ConfigMismatch, CircuitOpen) as err:
+        raise WorkerStopped(str(err)) from None
     log.info("worker %s stopped after %.0f s: %s", identity.id, time.time() - started, summary.stop_reason)
     return summary

@@ -14,6 +14,7 @@ from hparray.store import ReapReport, Store
 from hparray.tasks import STATUSES
 
 THROUGHPUT_WINDOW_S = 3600.0
+FAILED_ROWS_SHOWN = 20
 
 
 @dataclass
@@ -69,6 +70,7 @@ class SweepStatus:
     reaped: list[int]
     database: dict[str, Any]
     reap_problem: str = ""  # why the reaper could not run (a read-only database, a stuck writer)
+    failed_rows: list[dict[str, Any]] = field(default_factory=list)  # the first few, with their errors
     configs: list[ConfigStatus] = field(default_factory=list)
     workers: list[WorkerStatus] = field(default_factory=list)
     # Filled by hparray.slurm when the sweep was submitted to Slurm: its jobs as squeue sees them,
@@ -121,7 +123,8 @@ def sweep_status(store: Store, now: float, grace_s: float) -> SweepStatus:
     recent = store.fetch("finished_since", {"since": now - THROUGHPUT_WINDOW_S})[0]
     workers = [_worker_status(row, now, grace_s) for row in store.fetch("live_workers")]
     live = max(1, sum(1 for worker in workers if not worker.stale))
-    remaining = totals["pending"] + totals["running"]
+    blocked = int(store.scalar("blocked_tasks") or 0)
+    remaining = totals["pending"] - blocked + totals["running"]  # a blocked row runs only after a retry
     # Rows per hour over the last hour, or over the sweep's life when it is younger than that.
     window = THROUGHPUT_WINDOW_S
     if recent.n and recent.first_claimed_at is not None:
@@ -135,12 +138,15 @@ def sweep_status(store: Store, now: float, grace_s: float) -> SweepStatus:
         eta = 0.0
     return SweepStatus(
         total=sum(totals.values()), pending=totals["pending"], running=totals["running"], done=totals["done"],
-        diverged=totals["diverged"], failed=totals["failed"], blocked=int(store.scalar("blocked_tasks") or 0),
+        diverged=totals["diverged"], failed=totals["failed"], blocked=blocked,
         gpu_minutes=sum(float(row.wall_s or 0.0) for row in per_config.values()) / 60.0,
         throughput_per_hour=throughput, eta_s=eta, reaped=reaped.released + reaped.failed,
         database={"url": _redact(store.url), "dialect": store.dialect, "journal_mode": store.journal_mode or None,
                   "filesystem": store.filesystem or None, "schema_version": store.schema_version()},
         configs=configs, workers=workers, reap_problem=reap_problem,
+        failed_rows=[{"task_id": row.id, "kind": row.kind, "config": row.config_name, "video": row.video,
+                      "errors": row.errors, "losses": row.losses, "error": row.error or ""}
+                     for row in store.fetch("failed_rows", {"limit": FAILED_ROWS_SHOWN})] if totals["failed"] else [],
     )
 
 

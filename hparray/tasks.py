@@ -53,5 +53,6 @@ class TaskOutcome:
     timings_s: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float | None = None
     lpips_weights: str | None = None
-    artifact_dir: str | None = None
+    artifact_dir: str | None = None  # where the artifacts are once published (recorded with the result)
     details: dict[str, Any] = field(default_factory=dict)
+    staged_dir: str | None = None  # this attempt's private copy, published only if it wins its finish

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -37,6 +38,18 @@ class Interrupted(BaseException):
 
 class ConfigMismatch(Exception):
     """The worker's settings would not produce what the plan promised for a row."""
+
+
+class CircuitOpen(Exception):
+    """The same error on several different rows in a row: the fault is the node's, not the rows'."""
+
+
+def error_signature(err: BaseException) -> str:
+    """An error's kind for the circuit breaker: its class and message with the parts that name one
+    row (quoted paths, numbers) blanked, so "disk full at /a/1.npz" and "at /b/2.npz" match."""
+    message = str(err).splitlines()[0] if str(err) else ""
+    message = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", message)
+    return f"{type(err).__name__}: {re.sub(r'[0-9]+', '#', message)[:120]}"
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,7 @@ class Worker:
                  poll_s: float = 2.0, deadline: float | None = None, signal_grace_s: float = 0.0,
                  expected_duration: Callable[[ClaimedTask], float] | None = None,
                  check: Callable[[ClaimedTask], bool] | None = None,
+                 settle: Callable[[TaskOutcome, bool], None] | None = None, circuit_breaker: int = 3,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
         self.store, self.execute, self.identity = store, execute, identity
         self.heartbeat_interval_s, self.heartbeat_grace_s = heartbeat_interval_s, heartbeat_grace_s
@@ -125,6 +139,9 @@ class Worker:
         self.deadline, self.signal_grace_s = deadline, signal_grace_s
         self.expected_duration = expected_duration or (lambda task: task.estimate_s)
         self.check = check
+        self.settle = settle or (lambda outcome, won: None)
+        self.circuit_breaker = circuit_breaker
+        self._failures: list[tuple[str, int, str]] = []  # (signature, row, message): the failures in a row
         self.clock, self.sleep = clock, sleep
         self.summary = WorkerSummary()
         self._signal: int | None = None
@@ -202,6 +219,22 @@ class Worker:
                 )
             self._run_one(task)
 
+    def _count_failure(self, task: ClaimedTask, err: Exception) -> None:
+        """Trip the breaker when `circuit_breaker` different rows in a row failed alike: a full disk,
+        missing weights or a lost GPU would otherwise fail every row of the sweep within minutes."""
+        signature = error_signature(err)
+        if self._failures and self._failures[-1][0] != signature:
+            self._failures.clear()
+        self._failures.append((signature, task.id, f"{type(err).__name__}: {err}"))
+        rows = sorted({row for _, row, _ in self._failures})
+        if self.circuit_breaker and len(rows) >= self.circuit_breaker:
+            raise CircuitOpen(
+                f"circuit breaker: {len(rows)} rows in a row (#{', #'.join(map(str, rows))}) failed alike, last with "
+                f"{self._failures[-1][2].splitlines()[0]}: the fault looks like this node's (full disk, missing "
+                "weights, a GPU gone), so this worker stops claiming rather than fail the sweep; fix it and run "
+                "the worker again (tasks.circuit_breaker sets how many)"
+            )
+
     def _tasks_run(self) -> int:
         s = self.summary
         return s.done + s.diverged + s.errors + s.fenced
@@ -237,8 +270,12 @@ class Worker:
                 status = self.store.fail(task, f"{type(err).__name__}: {err}", traceback.format_exc(), self.clock())
                 self.summary.errors += 1
                 log.error("task %s failed: %s: %s (now %s)", task.id, type(err).__name__, err, status)
+                self._count_failure(task, err)
                 return
-        if self.store.finish(task, outcome, self.clock()):
+        self._failures.clear()
+        won = self.store.finish(task, outcome, self.clock())
+        self.settle(outcome, won)
+        if won:
             self.summary.durations_s.append(self.clock() - started)
             if outcome.status == "diverged":
                 self.summary.diverged += 1

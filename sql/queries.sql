@@ -49,7 +49,7 @@ UPDATE tasks
               WHERE t.status = 'pending'
                 AND (t.depends_on IS NULL
                      OR EXISTS (SELECT 1 FROM tasks AS d WHERE d.id = t.depends_on AND d.status = 'done'))
-              ORDER BY t.priority, t.id
+              ORDER BY t.priority, t.errors, t.id
               LIMIT 1)
 RETURNING id, attempts;
 
@@ -61,7 +61,7 @@ UPDATE tasks
               WHERE t.status = 'pending'
                 AND (t.depends_on IS NULL
                      OR EXISTS (SELECT 1 FROM tasks AS d WHERE d.id = t.depends_on AND d.status = 'done'))
-              ORDER BY t.priority, t.id
+              ORDER BY t.priority, t.errors, t.id
               LIMIT 1
               FOR UPDATE OF t SKIP LOCKED)
 RETURNING id, attempts;
@@ -72,7 +72,7 @@ SELECT t.id FROM tasks AS t
  WHERE t.status = 'pending'
    AND (t.depends_on IS NULL
         OR EXISTS (SELECT 1 FROM tasks AS d WHERE d.id = t.depends_on AND d.status = 'done'))
- ORDER BY t.priority, t.id
+ ORDER BY t.priority, t.errors, t.id
  LIMIT 1;
 
 -- name: claim_by_id
@@ -272,7 +272,18 @@ SELECT COUNT(*) AS n, AVG(r.wall_s) AS mean_wall_s, MIN(t.finished_at) AS first_
  WHERE t.finished_at >= :since AND t.status IN ('done', 'diverged');
 
 -- name: remaining_estimate
-SELECT COALESCE(SUM(estimate_s), 0) FROM tasks WHERE status IN ('pending', 'running');
+-- Rows still to run: pending or running, but not blocked behind a failed or diverged dependency.
+SELECT COALESCE(SUM(t.estimate_s), 0) FROM tasks AS t LEFT JOIN tasks AS d ON d.id = t.depends_on
+ WHERE t.status IN ('pending', 'running') AND (d.id IS NULL OR d.status NOT IN ('failed', 'diverged'));
+
+-- name: failed_rows
+-- Rows that failed for good, with what they last raised, and the name of their config.
+SELECT t.id, t.kind, t.video, t.errors, t.losses, t.error,
+       COALESCE((SELECT MIN(sc.name) FROM search_configs AS sc WHERE sc.config_hash = t.config_hash),
+                'no_finetune_cf_' || CAST(c.condition_frames AS TEXT)) AS config_name
+  FROM tasks AS t JOIN configs AS c ON c.hash = t.config_hash
+ WHERE t.status = 'failed'
+ ORDER BY t.id LIMIT :limit;
 
 -- name: mean_wall_by_kind
 SELECT t.kind, AVG(r.wall_s) AS mean_wall_s, COUNT(*) AS n

@@ -416,3 +416,70 @@ def test_workers_on_nodes_ten_minutes_apart_reap_no_healthy_row(
         assert dict(rows(store, "SELECT state, COUNT(*) FROM workers GROUP BY state")) == {"stopped": 2}
     finally:
         store.close()
+
+
+def test_a_fenced_late_worker_leaves_the_winners_artifacts_alone(
+        make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path) -> None:
+    """Worker A is stopped mid-task long enough to be reaped; B runs the row and publishes its
+    artifacts; A wakes up, finishes, is fenced, and must publish nothing."""
+    import numpy as np
+
+    project = one_video_project(make_project)
+    store = plan(project)
+    try:
+        hold = hold_folder(tmp_path)
+        group = workers(project)
+        late = group.start("worker", env={"HPARRAY_TEST_HOLD": str(hold), "HPARRAY_TEST_SHADE": "0.25"})
+        held = wait_for("A to hold its row", lambda: running_row_of(store, late.pid), 300)
+        late.send_signal(signal.SIGSTOP)
+        winner = group.start("worker", "--poll-s", "0.2", env={"HPARRAY_TEST_SHADE": "0.75"})
+        assert winner.wait(timeout=600) == 0, group.output()[-3000:]
+        (hold / "go").touch()
+        late.send_signal(signal.SIGCONT)
+        assert late.wait(timeout=600) == 0, group.output()[-3000:]
+
+        outcomes = [r.outcome for r in rows(store, "SELECT outcome FROM attempts WHERE task_id = :id ORDER BY id",
+                                            id=held.id)]
+        assert outcomes == ["fenced", "done"], outcomes
+        artifact = Path(rows(store, "SELECT artifact_dir FROM results WHERE task_id = :id", id=held.id)[0][0])
+        frames = np.load(artifact / "frames.npz")["frames"]
+        truth = np.load(project.root / "videos" / "pan" / "pan0.npy").astype(np.float32) / 255.0
+        cf = project.base()["baseline"]["condition_frames"]
+        np.testing.assert_allclose(frames[cf:], np.broadcast_to(truth[cf - 1] * 0.75, frames[cf:].shape),
+                                   atol=1e-6)  # B's frames, not A's (0.25)
+        leftovers = [p.name for p in (project.root / "results").rglob(".*")]
+        assert leftovers == [], f"temporary artifacts left behind: {leftovers}"
+        assert "0 done, 0 diverged, 0 errors, 0 released, 1 fenced" in group.output()  # A's summary line
+    finally:
+        store.close()
+
+
+def test_a_node_wide_fault_trips_the_circuit_breaker_instead_of_failing_the_sweep(make_project) -> None:
+    project: Project = make_project()
+    assert project.run("plan", "--search", "lr").returncode == 0
+    ran = project.run("worker", env={"HPARRAY_TEST_FAIL": "disk-full"}, timeout=300)
+    assert ran.returncode == 3, ran.stdout + ran.stderr
+    lines = [line for line in ran.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "3 rows in a row" in lines[0] and "No space left on device" in lines[0], ran.stderr
+    store = Store.open(str(project.db), create=False)
+    try:
+        statuses = dict(rows(store, "SELECT status, COUNT(*) FROM tasks GROUP BY status"))
+        assert statuses == {"pending": 24}, statuses  # nothing failed for good: the sweep can resume
+        assert rows(store, "SELECT COUNT(*) FROM attempts WHERE outcome = 'error'")[0][0] == 3
+    finally:
+        store.close()
+
+
+def test_a_worker_refusing_configs_that_differ_from_the_plan_is_not_respawned(make_project) -> None:
+    project: Project = make_project()
+    assert project.run("plan", "--search", "lr").returncode == 0
+    base = project.base()
+    base["seed"] = 7  # changes every config's hash: these configs would not reproduce the planned rows
+    project.write_base(base)
+    result = project.run("submit", "--local", "--workers", "2", timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "(0 workers replaced)" in result.stdout, result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "would not reproduce the planned config" in errors[0], result.stderr
+    logs = (project.root / "results" / "logs").glob("worker-*.log")
+    assert sum(log.read_text().count("would not reproduce") for log in logs) == 2  # once per worker started

@@ -2,8 +2,10 @@
 environment of the worker process (tests start real `hparray worker` processes).
 
 HPARRAY_TEST_TASK_S   seconds each task sleeps (so a test can signal a worker mid-task)
-HPARRAY_TEST_FAIL     a video name whose tasks raise (retries, then failed)
+HPARRAY_TEST_FAIL     a video name whose tasks raise (retries, then failed), or `disk-full`: every task
+                      raises the same OSError (a node-wide fault)
 HPARRAY_TEST_MARK_DIR a folder where each task start leaves a file (to see what ran, and how often)
+HPARRAY_TEST_SHADE    a factor on the predicted frames (to tell two workers' outputs apart)
 HPARRAY_TEST_HOLD     a folder: each task waits until `go` exists there, or it can take one `ticket-*`
                       file in it; so a test can signal or kill a worker that is certainly mid-task
                       (no guess of how long a task takes), and let N tasks through with N tickets
@@ -45,12 +47,15 @@ class SleepyRunner:
             Path(mark_dir, f"{kind}-{clip.ref.name}-{lr:g}-{condition_frames}-{os.getpid()}-{time.time_ns()}").touch()
         if os.environ.get("HPARRAY_TEST_FAIL") == clip.ref.name:
             raise RuntimeError(f"test failure for {clip.ref.name}")
+        if os.environ.get("HPARRAY_TEST_FAIL") == "disk-full":  # a node-wide fault: every row fails alike
+            raise OSError(28, "No space left on device", f"/scratch/{clip.ref.name}-{time.time_ns()}.npz")
         time.sleep(float(os.environ.get("HPARRAY_TEST_TASK_S", "0")))
         hold = os.environ.get("HPARRAY_TEST_HOLD")
         while hold and not os.path.exists(os.path.join(hold, "go")) and not _take_ticket(hold):
             time.sleep(0.02)
         frames = clip.frames.copy()
-        frames[condition_frames:] = frames[condition_frames - 1] * (1.0 - min(lr * 1000.0, 0.5))
+        shade = float(os.environ.get("HPARRAY_TEST_SHADE", "1"))
+        frames[condition_frames:] = frames[condition_frames - 1] * (1.0 - min(lr * 1000.0, 0.5)) * shade
         return Generation(frames=frames, timings_s={"finetune": 0.0, "inference": 0.0}, peak_memory_mb=1.0)
 
     def baseline(self, clip: Clip, condition_frames: int, seed: int) -> Generation:
