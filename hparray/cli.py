@@ -311,13 +311,23 @@ def _print_submission(s: slurm.Submission) -> None:
     """What `submit` did on Slurm, or would do (--dry-run): scripts, commands, job ids, next step."""
     if s.reaped:
         console.print(f"{s.reaped} rows of workers Slurm no longer runs were put back first")
-    if s.active_jobs:
-        console.print(f"note: job(s) {', '.join(s.active_jobs)} of this sweep are still queued or running; "
-                      "their workers share the same rows")
+    for note in s.notes:
+        console.print(note, markup=False, highlight=False)
     if not s.arrays:
-        held = f" ({s.running} running)" if s.running else ""
-        console.print(f"nothing to submit: no row is left to claim{held}. `hparray status` shows where it stands.")
+        if s.active_workers and s.claimable:
+            console.print(f"nothing submitted: {s.active_workers} array tasks of this sweep "
+                          f"({', '.join(s.active_jobs)}) are already queued or running for {s.claimable} claimable "
+                          f"rows, and {s.wanted} workers were asked for in all; `--workers N` asks for N in all",
+                          markup=False, highlight=False)
+        else:
+            held = f" ({s.running} running)" if s.running else ""
+            console.print(f"nothing to submit: no row is left to claim{held}. `hparray status` shows where it "
+                          "stands.")
         return
+    if s.active_workers:
+        console.print(f"note: {s.active_workers} array tasks of job(s) {', '.join(s.active_jobs)} are already "
+                      f"queued or running; adding {sum(a.size for a in s.arrays)} for {s.wanted} workers in all",
+                      markup=False, highlight=False)
     gpu = f"--gres=gpu:{s.gpus}" if s.gpus else "no GPU"
     for array in s.arrays:
         if s.dry_run:

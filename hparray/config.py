@@ -237,6 +237,16 @@ def _multiple_of(n: int) -> Check:
     return lambda value: None if value > 0 and value % n == 0 else f"must be a positive multiple of {n}, got {value}"
 
 
+def _is_slurm_time(value: str) -> bool:
+    from hparray.slurm import slurm_seconds
+
+    try:
+        slurm_seconds(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
@@ -347,7 +357,7 @@ def load_settings(config_dir: Path) -> Settings:
         account=s.get("account", str, None),
         qos=s.get("qos", str, None),
         time=s.get("time", str, "04:00:00",
-                   lambda v: None if re.fullmatch(r"(\d+-)?\d+(:\d{2}){0,2}", v) else f"is not a Slurm time, got {v!r}",
+                   lambda v: None if _is_slurm_time(v) else f"is not a Slurm time, got {v!r}",
                    fix="write it as Slurm does: MM, HH:MM:SS or D-HH:MM:SS"),
         gpus_per_task=s.get("gpus_per_task", int, 1, _at_least(0)),
         cpus_per_task=s.get("cpus_per_task", int, 8, _at_least(1)),

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from hparray import slurm
 from hparray.config import Settings
 from hparray.errors import HparrayError
 from hparray.metrics import lpips_weights_status, require_lpips
@@ -51,7 +52,7 @@ def run_checks(settings: Settings | None, store_url: str | None, slurm_wanted: b
         checks.append(_disk(settings))
     checks.extend(_database(store_url))
     if slurm_wanted:
-        checks.extend(_slurm(settings))
+        checks.extend(_slurm(settings, store_url))
     return checks
 
 
@@ -152,7 +153,7 @@ def _database(url: str | None) -> list[Check]:
     return checks
 
 
-def _slurm(settings: Settings | None) -> list[Check]:
+def _slurm(settings: Settings | None, store_url: str | None = None) -> list[Check]:
     missing = [cmd for cmd in ("sbatch", "squeue", "scancel", "scontrol") if shutil.which(cmd) is None]
     if missing:
         return [Check("slurm", "warn", f"not found: {', '.join(missing)}",
@@ -174,4 +175,31 @@ def _slurm(settings: Settings | None) -> list[Check]:
         up = [line.split()[0] for line in lines if line.split()[-1] == "up"]
         checks.append(Check("partition", "ok" if up else "warn", ", ".join(lines[:3]),
                             "" if up else "the partition is not up"))
+    if settings is not None:
+        checks.extend(_array_task_fits(settings, store_url))
+    return checks
+
+
+def _array_task_fits(settings: Settings, store_url: str | None) -> list[Check]:
+    """What submit refuses: an array task no node can run, a time limit shorter than one row."""
+    checks = []
+    try:
+        fits = slurm.check_partition_fits(settings, slurm.Overrides())
+        checks.append(Check("partition", "ok", f"an array task fits: {fits or 'sinfo cannot tell'}"))
+    except HparrayError as err:
+        checks.append(Check("partition", "fail", str(err), "fix the slurm section of configs/base.yaml"))
+    store = None
+    try:
+        store = Store.open(store_url, create=False)
+    except HparrayError:
+        pass  # no sweep yet: judge by the configured estimate
+    try:
+        note = slurm.check_time_limit(settings, store, None)
+        checks.append(Check("time limit", "warn" if note else "ok", note or f"slurm.time {settings.slurm.time}",
+                            "raise slurm.time so a task runs several rows" if note else ""))
+    except HparrayError as err:
+        checks.append(Check("time limit", "fail", str(err), "raise slurm.time in configs/base.yaml"))
+    finally:
+        if store is not None:
+            store.close()
     return checks

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from hparray.config import Settings
 from hparray.errors import WorkerStopped
 from hparray.experiment import Experiment
 from hparray.store import Store
 from hparray.tasks import ClaimedTask
-from hparray.worker import CircuitOpen, ConfigMismatch, Worker, WorkerIdentity, WorkerSummary
+from hparray.worker import CircuitOpen, ConfigMismatch, Interrupted, Worker, WorkerIdentity, WorkerSummary
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +60,51 @@ def artifact_dirs(store: Store, settings: Settings, task: ClaimedTask) -> list[P
     return [root / f"{row.search}_search" / row.name / task.video for row in names]
 
 
+SLURM_REAP_EVERY_S = 60.0
+"""How often a worker of a sweep submitted to Slurm asks squeue which array tasks are gone (rows of
+tasks Slurm no longer runs come back at once, not after the grace); squeue is not for tight loops."""
+
+
+def reaper(settings: Settings, store: Store) -> dict[str, Any]:
+    """The worker's reaper: Slurm-aware (one squeue per pass) when this sweep was submitted to Slurm
+    and squeue answers here, else the heartbeat reaper alone."""
+    grace_s = settings.tasks.heartbeat_grace_s
+    if not (shutil.which("squeue") and store.fetch("slurm_submissions")):
+        return {}
+    from hparray import slurm
+
+    every = min(grace_s / 4, SLURM_REAP_EVERY_S) * random.uniform(0.8, 1.2)  # workers started together spread out
+    return {"reap": lambda now: slurm.reap(store, now, grace_s).report, "reap_every_s": every}
+
+
 def run_worker(settings: Settings, store: Store, *, max_tasks: int | None = None, worker_id: str | None = None,
                poll_s: float = 2.0) -> WorkerSummary:
     """Run one worker process to completion."""
     identity = WorkerIdentity.from_environment(worker_id)
-    experiment = Experiment(settings)
     clock = TaskClock(store)
+    # The experiment (runner, scorer, model) is built inside the start-up window below; the worker
+    # reaches it through these calls.
+    loaded: list[Experiment] = []
     worker = Worker(
-        store, lambda task: experiment.run(task, artifact_dirs(store, settings, task)), identity,
+        store, lambda task: loaded[0].run(task, artifact_dirs(store, settings, task)), identity,
         heartbeat_interval_s=settings.tasks.heartbeat_interval_s,
         heartbeat_grace_s=settings.tasks.heartbeat_grace_s, max_tasks=max_tasks, poll_s=poll_s,
-        deadline=job_deadline(), signal_grace_s=settings.slurm.signal_grace_s,
-        expected_duration=clock.expected, check=experiment.matches_plan, settle=experiment.settle,
-        circuit_breaker=settings.tasks.circuit_breaker,
+        deadline=job_deadline(), signal_grace_s=settings.slurm.signal_grace_s, expected_duration=clock.expected,
+        check=lambda task: loaded[0].matches_plan(task), settle=lambda outcome, won: loaded[0].settle(outcome, won),
+        circuit_breaker=settings.tasks.circuit_breaker, **reaper(settings, store),
     )
+    worker.catch_stop_signals()  # before anything slow: a stop during start-up must exit cleanly
     log.info("worker %s starting (pid %d, gpu %s)", identity.id, identity.pid, identity.gpu)
     started = time.time()
     # Load before the first claim: a row is never held through a slow model load, and a worker
-    # killed while loading loses no work.
-    experiment.load()
+    # stopped or killed while loading loses no work.
+    try:
+        with worker.loading():
+            loaded.append(Experiment(settings))
+            loaded[0].load()
+    except Interrupted as why:
+        log.info("stopped while loading the model (%s): nothing was claimed", why)
+        return WorkerSummary(stop_reason=f"{why} while loading the model, before the first claim")
     log.info("model loaded in %.1f s", time.time() - started)
     try:
         summary = worker.run()

@@ -50,7 +50,24 @@ RESTART_MARGIN_S = 60.0
 # squeue's man page asks not to poll it in loops: `status --watch` asks at most this often.
 SQUEUE_MIN_INTERVAL_S = 10.0
 COMMAND_TIMEOUT_S = 120.0
-TIME_PATTERN = re.compile(r"(\d+-)?\d+(:\d{2}){0,2}|UNLIMITED|INFINITE")
+# Slurm's time syntax: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit.
+TIME_PATTERN = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d{2}))?(?::(\d{2}))?|UNLIMITED|INFINITE")
+
+
+def slurm_seconds(value: str) -> float:
+    """A Slurm time limit in seconds (inf for UNLIMITED); ValueError when it is not one."""
+    match = TIME_PATTERN.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a Slurm time")
+    if match.group(2) is None:
+        return float("inf")
+    days, first, second, third = match.groups()
+    a, b, c = int(first), int(second or 0), int(third or 0)
+    if days is not None:  # D-HH[:MM[:SS]]
+        return int(days) * 86400 + a * 3600 + b * 60 + c
+    if third is not None:  # HH:MM:SS
+        return a * 3600 + b * 60 + c
+    return a * 60 + b  # MM[:SS]
 
 
 class SlurmOptionError(BadInput):
@@ -89,6 +106,18 @@ def normalise_directive(arg: str, where: str) -> str:
     return text
 
 
+def _path_value(path: Path, where: str, pattern: bool = False) -> str:
+    """A path inside a double-quoted #SBATCH value: sbatch reads `\"` as a quote inside it; a
+    backslash escapes anything, so a path holding one cannot be written; in --output/--error a `%`
+    starts a filename pattern, so it is doubled."""
+    text = str(path)
+    if "\\" in text or "\n" in text:
+        raise SlurmOptionError(f"{where} {text!r} holds a backslash or a newline, which sbatch cannot read in a "
+                               "directive: move the project to a path without them")
+    text = text.replace('"', '\\"')
+    return text.replace("%", "%%") if pattern else text
+
+
 def _plain(value: str | None, where: str) -> str | None:
     """A directive value: sbatch reads `#SBATCH` lines word by word, so no whitespace."""
     if value is not None and (not value.strip() or re.search(r"\s", value)):
@@ -125,11 +154,11 @@ def render_script(settings: SlurmSettings, *, array_size: int, throttle: int, wo
         "cpus_per_task": settings.cpus_per_task,
         "mem_gb": settings.mem_gb,
         "constraint": _plain(settings.constraint, "slurm.constraint"),
-        "workdir": _plain(str(workdir), "the project folder"),
+        "workdir": _path_value(Path(workdir), "the project folder"),
         "array_size": array_size,
         "throttle": min(throttle, array_size),
         "signal_grace_s": settings.signal_grace_s,
-        "log_dir": _plain(str(log_dir), "slurm.log_dir"),
+        "log_dir": _path_value(log_dir, "slurm.log_dir", pattern=True),
         "extra_directives": extra,
         "setup": list(settings.setup),
         "worker_command": shlex.join(worker_command),
@@ -486,6 +515,9 @@ class Submission:
     active_jobs: list[str]
     reaped: int
     dry_run: bool
+    active_workers: int = 0  # array tasks of this sweep already queued or running: workers to come
+    wanted: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def job_ids(self) -> list[str]:
@@ -527,14 +559,20 @@ def submit(settings: Settings, store: Store, *, worker_command: list[str], worke
         claimable += sum(1 for row in store.running_tasks() if row.worker_id in gone)
     running = int({row.status: row.n for row in store.fetch("task_totals")}.get("running", 0))
     wanted = settings.slurm.workers if workers is None else workers
-    count = min(claimable, wanted)
+    # Workers of this sweep that are queued or running will claim rows too: count them first, so a
+    # second submit while the first array runs asks only for the workers still missing.
+    active = sum(1 for task in view.tasks.values() if task.alive or task.queued)
+    count = max(0, min(claimable, wanted) - active)
     limit = settings.slurm.throttle if throttle is None else throttle
+    notes = [check_time_limit(settings, store, overrides.time)]
+    check_partition_fits(settings, overrides)
     log_dir = log_dir_of(settings)
     workdir = settings.config_dir.parent
     gpus = settings.slurm.gpus_per_task if overrides.gpus is None else overrides.gpus
     submission = Submission(claimable=claimable, running=running, arrays=[], max_array_size=DEFAULT_MAX_ARRAY_SIZE,
                             log_dir=log_dir, gpus=gpus, signal_grace_s=settings.slurm.signal_grace_s,
-                            active_jobs=view.active_jobs(), reaped=reaped, dry_run=dry_run)
+                            active_jobs=view.active_jobs(), reaped=reaped, dry_run=dry_run, active_workers=active,
+                            wanted=wanted, notes=[note for note in notes if note])
     if count == 0:
         return submission
     command, secret_env = hide_db_password(worker_command)
@@ -566,6 +604,92 @@ def submit(settings: Settings, store: Store, *, worker_command: list[str], worke
         submission.arrays[i] = replace(array, job_id=job_id)
         store.record_submission(job_id, array.size, array.throttle, shlex.join(array.command), array.script, now)
     return submission
+
+
+# ---------------------------------------------------------------- will an array task fit?
+
+
+def expected_row_s(settings: Settings, store: Store | None) -> tuple[float, str]:
+    """How long one fine-tune row is expected to take, and where the figure comes from: the 90th
+    percentile of this sweep's finished fine-tune rows once there are three, else the config."""
+    measured = [] if store is None else sorted(
+        row.wall_s for row in store.fetch("durations_by_kind", {"kind": "finetune"}))
+    if len(measured) >= 3:
+        p90 = measured[min(len(measured) - 1, int(0.9 * len(measured)))]
+        return p90, f"the 90th percentile of {len(measured)} finished rows"
+    return settings.tasks.gpu_minutes_per_task * 60.0, "tasks.gpu_minutes_per_task"
+
+
+def check_time_limit(settings: Settings, store: Store | None, time_override: str | None) -> str:
+    """Refuse a time limit shorter than one row (every array task would give its row back and exit);
+    return a warning when a task can finish only one row, else ''."""
+    given = time_override or settings.slurm.time
+    where = f"--time {given}" if time_override else f"slurm.time {given}"
+    try:
+        limit_s = slurm_seconds(given)
+    except ValueError:
+        raise SlurmOptionError(f"{where} is not a Slurm time: write MM, HH:MM:SS or D-HH:MM:SS") from None
+    row_s, source = expected_row_s(settings, store)
+    if row_s >= limit_s:
+        raise SlurmOptionError(
+            f"{where} is no longer than one fine-tune row ({row_s / 60:.1f} min expected, from {source}): every "
+            "array task would give its row back and exit without finishing one; raise the time limit, or lower "
+            "tasks.gpu_minutes_per_task if rows are faster than that")
+    if 2 * row_s > limit_s:
+        return (f"note: {where} fits one fine-tune row ({row_s / 60:.1f} min expected) but not two: each array "
+                "task runs a single row, and the model loads once per row")
+    return ""
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """What one node of a partition offers an array task."""
+
+    name: str
+    cpus: int
+    mem_mb: int
+    gpus: int
+
+
+def parse_sinfo_nodes(output: str, partition: str | None) -> list[NodeShape]:
+    """`sinfo -h -N -o '%P|%N|%c|%m|%G'` lines of `partition` (None: the default one, marked *)."""
+    nodes = []
+    for line in output.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 5:
+            continue
+        name, node, cpus, mem, gres = parts[:5]
+        if (partition is None and not name.endswith("*")) or (partition is not None and name.rstrip("*") != partition):
+            continue
+        gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,()]+)?:(\d+)", gres))
+        nodes.append(NodeShape(node, int(re.sub(r"\D.*", "", cpus) or 0), int(re.sub(r"\D.*", "", mem) or 0), gpus))
+    return nodes
+
+
+def check_partition_fits(settings: Settings, overrides: Overrides) -> str:
+    """Refuse an array task that no node of the partition can run (it would pend forever, reason
+    PartitionConfig or Resources); returns what was checked, or '' when Slurm cannot tell."""
+    partition = overrides.partition or settings.slurm.partition
+    gpus = settings.slurm.gpus_per_task if overrides.gpus is None else overrides.gpus
+    cpus, mem_mb = settings.slurm.cpus_per_task, settings.slurm.mem_gb * 1024
+    try:
+        result = _command(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%m|%G"], timeout=30)
+    except SlurmUnavailable:
+        return ""
+    nodes = parse_sinfo_nodes(result.stdout, partition) if result.returncode == 0 else []
+    if not nodes:
+        return ""
+    if any(n.cpus >= cpus and n.mem_mb >= mem_mb and n.gpus >= gpus for n in nodes):
+        return f"{len(nodes)} nodes in partition {partition or 'default'}"
+    too_big = [knob for knob, asked, best in (
+        (f"slurm.cpus_per_task ({cpus} CPUs)", cpus, max(n.cpus for n in nodes)),
+        (f"slurm.mem_gb ({settings.slurm.mem_gb} GB)", mem_mb, max(n.mem_mb for n in nodes)),
+        (f"--gpus/slurm.gpus_per_task ({gpus} GPUs)", gpus, max(n.gpus for n in nodes))) if asked > best]
+    offer = (f"{max(n.cpus for n in nodes)} CPUs, {max(n.mem_mb for n in nodes) / 1024:.0f} GB, "
+             f"{max(n.gpus for n in nodes)} GPUs at most")
+    raise SlurmOptionError(
+        f"no node of partition {partition or '(default)'} can run one array task: its nodes offer {offer}; "
+        f"lower {' and '.join(too_big) or 'the request (no single node has it all)'}, or choose another partition")
 
 
 # ---------------------------------------------------------------- cancel

@@ -16,12 +16,13 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from hparray.store import Store
+from hparray.store import ReapReport, Store
 from hparray.tasks import ClaimedTask, TaskOutcome
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class Worker:
                  expected_duration: Callable[[ClaimedTask], float] | None = None,
                  check: Callable[[ClaimedTask], bool] | None = None,
                  settle: Callable[[TaskOutcome, bool], None] | None = None, circuit_breaker: int = 3,
+                 reap: Callable[[float], ReapReport] | None = None, reap_every_s: float | None = None,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
         self.store, self.execute, self.identity = store, execute, identity
         self.heartbeat_interval_s, self.heartbeat_grace_s = heartbeat_interval_s, heartbeat_grace_s
@@ -141,6 +143,8 @@ class Worker:
         self.check = check
         self.settle = settle or (lambda outcome, won: None)
         self.circuit_breaker = circuit_breaker
+        self.reap = reap or (lambda now: store.reap(now, heartbeat_grace_s))
+        self.reap_every_s = heartbeat_grace_s / 4 if reap_every_s is None else reap_every_s
         self._failures: list[tuple[str, int, str]] = []  # (signature, row, message): the failures in a row
         self.clock, self.sleep = clock, sleep
         self.summary = WorkerSummary()
@@ -149,12 +153,38 @@ class Worker:
         self._current: ClaimedTask | None = None
         self._finish_then_stop = False
         self._last_reap = 0.0
+        self._loading = False
+        self._stopped = False
 
     # ------------------------------------------------------------------ signals
 
+    def catch_stop_signals(self) -> None:
+        """Take SIGTERM, SIGINT and SIGUSR1 from here on, for good. Called first thing in a worker
+        process: a stop that arrives while the model loads must end the process cleanly (exit 0,
+        nothing claimed), not kill it; and once stopping, a second signal (slurmstepd and the batch
+        script both send TERM) must not kill a worker that already gave its row back."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    @contextmanager
+    def loading(self) -> Iterator[None]:
+        """While the model loads, a stop signal aborts the load (there is no row to give back)."""
+        self._loading = True
+        try:
+            if self._signal is not None:
+                raise Interrupted(f"{signal.Signals(self._signal).name} received")
+            yield
+        finally:
+            self._loading = False
+
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self._signal = signum
         name = signal.Signals(signum).name
+        if self._stopped:
+            log.info("%s: already stopping", name)
+            return
+        self._signal = signum
+        if self._loading:
+            raise Interrupted(f"{name} received")
         if self._current is None or self._task_started is None:
             log.info("%s: stopping before the next task", name)
             return
@@ -174,14 +204,12 @@ class Worker:
 
     def run(self) -> WorkerSummary:
         """The worker's whole life; returns what it did and why it stopped."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         self.store.register_worker(self.identity.id, self.identity.host, self.identity.pid, self.clock(),
                                    gpu=self.identity.gpu, slurm=self.identity.slurm)
         try:
             self.summary.stop_reason = self._loop()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self._stopped = True  # any later stop signal is noted and ignored (see catch_stop_signals)
             try:
                 self.store.stop_worker(self.identity.id, self.clock())
             except Exception as err:
@@ -241,11 +269,11 @@ class Worker:
 
     def _maybe_reap(self) -> None:
         now = self.clock()
-        if now - self._last_reap < self.heartbeat_grace_s / 4:
+        if now - self._last_reap < self.reap_every_s:
             return
         self._last_reap = now
         try:
-            report = self.store.reap(now, self.heartbeat_grace_s)
+            report = self.reap(now)
             if report.released or report.failed:
                 log.info("reaped stale rows: %s released, %s failed", report.released, report.failed)
         except Exception as err:

@@ -111,8 +111,8 @@ def make_project(tmp_path: Path) -> Callable[..., Project]:
     counter = iter(range(1000))
 
     def make(lr_values: list[float] | None = None, categories: tuple[str, ...] = ("pan", "zoom"),
-             per_category: int = 3, frames: int = 12, **overrides: Any) -> Project:
-        root = tmp_path / f"project{next(counter)}"
+             per_category: int = 3, frames: int = 12, folder: str | None = None, **overrides: Any) -> Project:
+        root = tmp_path / (folder or f"project{next(counter)}")
         (root / "configs").mkdir(parents=True)
         write_videos(root / "videos", categories, per_category, frames=frames)
         project = Project(root)

@@ -483,3 +483,52 @@ def test_a_worker_refusing_configs_that_differ_from_the_plan_is_not_respawned(ma
     assert len(errors) == 1 and "would not reproduce the planned config" in errors[0], result.stderr
     logs = (project.root / "results" / "logs").glob("worker-*.log")
     assert sum(log.read_text().count("would not reproduce") for log in logs) == 2  # once per worker started
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
+def test_a_stop_signal_while_the_model_loads_ends_the_worker_cleanly(
+        make_project: Callable[..., Project], workers: Callable[..., Workers], tmp_path: Path, signame: str) -> None:
+    project = make_project(**{"runner": {"name": "tests.support.runners:SlowLoadRunner"}})
+    store = plan(project)
+    try:
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        group = workers(project)
+        worker = group.start("worker", env={"HPARRAY_TEST_HOLD": str(hold_folder(tmp_path)),
+                                            "HPARRAY_TEST_MARK_DIR": str(marks)})
+        wait_for("the model to be loading", lambda: (marks / "loading").exists(), 300, 0.05)
+        worker.send_signal(getattr(signal, signame))
+        assert worker.wait(timeout=120) == 0, group.output()[-3000:]
+        assert "while loading the model, before the first claim" in group.output()
+        assert rows(store, "SELECT COUNT(*) FROM attempts")[0][0] == 0
+    finally:
+        store.close()
+
+
+def test_after_a_clean_stop_a_second_stop_signal_does_not_kill_the_worker() -> None:
+    """slurmstepd and the batch script both send TERM: the second must find a handler, not the default."""
+    import signal as signals
+
+    from hparray.worker import STOP_SIGNALS, Worker, WorkerIdentity
+
+    class NoStore:
+        def register_worker(self, *args: Any, **kwargs: Any) -> None: ...
+        def stop_worker(self, *args: Any) -> None: ...
+        def reap(self, *args: Any, **kwargs: Any) -> Any:
+            return type("Report", (), {"released": [], "failed": []})()
+        def claim(self, *args: Any) -> None: ...
+        def waiting_work(self) -> int:
+            return 0
+
+    previous = {sig: signals.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        worker = Worker(NoStore(), lambda task: None, WorkerIdentity.from_environment("w"),  # type: ignore[arg-type]
+                        heartbeat_interval_s=1, heartbeat_grace_s=3)
+        worker.catch_stop_signals()
+        assert worker.run().stop_reason == "nothing left to claim"
+        for sig in STOP_SIGNALS:
+            assert signals.getsignal(sig) not in (signals.SIG_DFL, signals.default_int_handler), sig
+        os.kill(os.getpid(), signals.SIGTERM)  # noted and ignored: this test process lives on
+    finally:
+        for sig, handler in previous.items():
+            signals.signal(sig, handler)

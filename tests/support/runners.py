@@ -70,3 +70,18 @@ class BrokenLoadRunner(SleepyRunner):
 
     def load(self) -> None:
         raise RuntimeError("CUDA error: no CUDA-capable device is detected on gpu-node-7")
+
+
+class SlowLoadRunner(SleepyRunner):
+    """A model that takes as long to load as the test says: load() leaves `loading` in
+    HPARRAY_TEST_MARK_DIR, then holds like a task (HPARRAY_TEST_HOLD), so a test can signal a
+    worker that is certainly still starting up."""
+
+    def load(self) -> None:
+        marks = os.environ.get("HPARRAY_TEST_MARK_DIR")
+        if marks:
+            Path(marks, "loading").touch()
+        hold = os.environ.get("HPARRAY_TEST_HOLD")
+        while hold and not os.path.exists(os.path.join(hold, "go")) and not _take_ticket(hold):
+            time.sleep(0.02)
+        super().load()

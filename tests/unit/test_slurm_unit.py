@@ -4,6 +4,7 @@ fake: Slurm's client, at the edge)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import subprocess
@@ -23,6 +24,7 @@ from hparray.store import Store
 SETTINGS = SlurmSettings(job_name="sweep", partition=None, account=None, qos=None, time="01:00:00", gpus_per_task=1,
                          cpus_per_task=4, mem_gb=16, constraint=None, extra_directives=(), setup=(), workers=8,
                          throttle=4, signal_grace_s=120, log_dir="logs/slurm")
+GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "worker.sbatch"
 COMMAND = ["/venv/bin/python", "-m", "hparray", "--config-dir", "/p/configs", "--db", "sqlite:////p/results.db",
            "worker"]
 
@@ -38,14 +40,38 @@ def directives(script: str) -> list[str]:
     return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
 
 
+# ---------------------------------------------------------------- the golden script
+
+
+def test_rendered_script_matches_the_golden_file() -> None:
+    """After an intended change to sbatch/worker.sbatch.j2 or render_script, regenerate with
+    `HPARRAY_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_slurm_unit.py -k golden`
+    and review the diff of tests/golden/worker.sbatch."""
+    settings = SlurmSettings(
+        job_name="lr-sweep", partition="gpu", account="proj42", qos="normal", time="04:00:00", gpus_per_task=1,
+        cpus_per_task=8, mem_gb=64, constraint="h100", extra_directives=("--mail-type=END",),
+        setup=("module load cuda/12.4", "source /project/.venv/bin/activate"), workers=8, throttle=4,
+        signal_grace_s=300, log_dir="logs/slurm")
+    script = slurm.render_script(
+        settings, array_size=8, throttle=4, workdir=Path("/project"),
+        overrides=slurm.Overrides(sbatch_args=("--exclusive",)),
+        worker_command=["/project/.venv/bin/python", "-m", "hparray", "--config-dir", "/project/configs", "--db",
+                        "sqlite:////project/results.db", "worker"])
+    if os.environ.get("HPARRAY_REGEN_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(script)
+    assert script == GOLDEN.read_text(), "the script changed: see this test's docstring to regenerate"
+
+
+
 # ---------------------------------------------------------------- rendering
 
 
 def test_script_has_the_array_signal_requeue_and_logs() -> None:
     found = directives(render())
     for expected in ("--job-name=sweep", "--time=01:00:00", "--gres=gpu:1", "--cpus-per-task=4", "--mem=16G",
-                     "--chdir=/p", "--array=0-5%2", "--signal=B:USR1@120", "--requeue", "--open-mode=append",
-                     "--output=/p/logs/slurm/%x_%A_%a.out", "--error=/p/logs/slurm/%x_%A_%a.err"):
+                     '--chdir="/p"', "--array=0-5%2", "--signal=B:USR1@120", "--requeue", "--open-mode=append",
+                     '--output="/p/logs/slurm/%x_%A_%a.out"', '--error="/p/logs/slurm/%x_%A_%a.err"'):
         assert expected in found
     assert not any(d.startswith(("--partition", "--account", "--qos", "--constraint")) for d in found)
 
@@ -59,7 +85,7 @@ def test_overrides_and_extra_directives_come_last_so_they_win() -> None:
     assert "--constraint=h100" in found and "--time=30" in found
     assert not any(d.startswith("--gres") for d in found)
     assert found[-2:] == ["--mail-type=END", "--exclusive"]
-    assert "--output=/abs/logs/%x_%A_%a.out" in found
+    assert '--output="/abs/logs/%x_%A_%a.out"' in found
 
 
 def test_throttle_never_exceeds_the_array() -> None:
@@ -92,7 +118,7 @@ def test_worker_command_is_shell_quoted() -> None:
     (slurm.Overrides(sbatch_args=("",)), SETTINGS, "is not one sbatch option"),
     (slurm.Overrides(time="four hours"), SETTINGS, "is not a Slurm time"),
     (slurm.Overrides(partition="gpu a100"), SETTINGS, "contains whitespace"),
-    (slurm.Overrides(), replace(SETTINGS, log_dir="my logs"), "slurm.log_dir"),
+    (slurm.Overrides(), replace(SETTINGS, log_dir="my\\\\logs"), "slurm.log_dir .* backslash"),
 ])
 def test_bad_options_are_bad_input_naming_the_fix(overrides: slurm.Overrides, settings: SlurmSettings,
                                                   message: str) -> None:
@@ -265,8 +291,8 @@ def test_without_squeue_only_the_grace_reaps(planned: Store, tmp_path: Path, mon
     task = _claim_in_slurm(planned, "41", 0, now)
     _path_with(tmp_path, monkeypatch, {"squeue": "echo 'squeue: error: Unable to contact slurm controller' >&2\n"
                                                  "exit 1\n"})
-    assert slurm.reap(planned, now + 1, grace_s=300).report.released == []
-    assert slurm.reap(planned, now + 301, grace_s=300).report.released == [task]
+    assert slurm.reap(planned, now + 1, grace_s=300).report.released == []  # this host's first look at it
+    assert slurm.reap(planned, now + 302, grace_s=300).report.released == [task]  # still: a grace on its clock
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     status = slurm.StatusWithSlurm()(planned, now, grace_s=300, heartbeat_interval_s=30)
     assert status.slurm_jobs[0]["summary"].startswith("unknown (squeue not found")
