@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import console, load_line, machine, percentile, table, write_json
-from hparray.store import QUERIES, Store
+from hparray.store import Store
+from hparray.store.queries import QUERIES
 from hparray.tasks import TaskOutcome, TaskSpec
 
 JOIN_TIMEOUT_S = 600.0
@@ -126,7 +127,7 @@ def make_hparray_db(url: str, n: int) -> None:
 def count_done(url: str) -> int:
     store = Store.open(url, create=False)
     try:
-        return sum(row.n for row in store.fetch("task_totals") if row.status == "done")
+        return store.task_counts().done
     finally:
         store.close()
 

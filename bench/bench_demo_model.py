@@ -26,9 +26,10 @@ from bench.common import REPO, console, load_line, machine, table, write_json
 from hparray.config import load_settings, load_sweep
 from hparray.metrics import Scorer, lpips_weights_status, trivial_prediction
 from hparray.plan import select_videos, task_seed, video_seed
-from hparray.report import compare, estimate
-from hparray.runner import Clip, Generation, Hyperparams
-from hparray.runners.ltx import DEMO_WEIGHTS_DIR, MANIFEST, LTXRunner, build_tiny_pipeline
+from hparray.report.stats import compare, estimate
+from hparray.runners import Clip, Generation, Hyperparams
+from hparray.runners.ltx import DEMO_WEIGHTS_DIR, LTXRunner
+from hparray.runners.ltx.model import MANIFEST, build_tiny_pipeline
 from hparray.videos import read_video
 
 TRIVIAL, RANDOM, NO_FINETUNE = "trivial (last frame)", "random init", "trained, no fine-tune"
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(
         f"{len(videos)} held-out sample videos, {settings.data.num_frames} frames "
         f"{settings.data.height}x{settings.data.width}, condition_frames {cf}, "
-        f"{settings.model['inference_steps']} inference steps, fine-tune {settings.model['finetune']}"
+        f"{settings.model.inference_steps} inference steps, fine-tune {settings.model.finetune}"
         + ("" if lpips.genuine else "; LPIPS skipped: the genuine AlexNet weights are not here")
     )
 

@@ -1,5 +1,5 @@
 """Orchestration overhead per task on the tiny real runner (LTX-Video, PSNR + SSIM, 49 frames of
-64x64), through the real worker loop (hparray.runtime.run_worker) on an SQLite store.
+64x64), through the real worker loop (hparray.worker.runtime.run_worker) on an SQLite store.
 
 Per task it times what hparray adds around the runner: the claim, the plan check and artifact
 folder lookup, recording the result (finish), writing the artifacts, the heartbeats (a thread,
@@ -107,8 +107,8 @@ def run_sweep(root: Path, videos: int, steps: int, journal: str, model_path: str
     from hparray.config import load_sweep
     from hparray.experiment import Experiment
     from hparray.plan import build_plan, select_videos
-    from hparray.runtime import run_worker
     from hparray.store import Store
+    from hparray.worker.runtime import run_worker
 
     config_dir = bench_project(root, {
         "baseline": {"finetune_steps": steps},

@@ -105,7 +105,7 @@ def tiny_model_path(scratch: Path) -> str | None:
     """None (the built-in tiny model) when its trained weights are installed; otherwise the same
     architecture with seeded random weights saved under `scratch`: timings do not depend on the
     weight values, and the benchmarks should not fail on a checkout without the weights."""
-    from hparray.runners import ltx
+    from hparray.runners.ltx import model as ltx
 
     weights = getattr(ltx, "DEMO_WEIGHTS_DIR", None)
     manifest = getattr(ltx, "MANIFEST", "manifest.json")

@@ -1,24 +1,47 @@
 """Sweep configuration: `configs/base.yaml` plus one `<search>_search.yaml` per searched factor.
 
-Everything is validated on load, so a typo costs a second at the terminal, not a GPU-hour on
-the cluster: every problem is reported as one line naming the file, the key and the fix.
+One pydantic model per section is both the schema and the defaults (`extra="forbid"`, typed
+fields with bounds); `load_settings` turns the first problem into one line naming the file, the
+key and the fix, so a typo costs a second at the terminal, not a GPU-hour on the cluster. Each
+Slurm setting that becomes an `#SBATCH` line says which, once, where it is declared.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from hparray.errors import ConfigError
+from hparray.metrics import METRICS
 
 HYPERPARAMETERS = ("lr", "condition_frames", "finetune_steps")
-METRICS = ("psnr", "ssim", "lpips")
+
+# Slurm's time syntax, written once: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit.
+TIME_PATTERN = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d{2}))?(?::(\d{2}))?|UNLIMITED|INFINITE")
+
+
+def slurm_seconds(value: str) -> float:
+    """A Slurm time limit in seconds (inf for UNLIMITED); ValueError when it is not one."""
+    match = TIME_PATTERN.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a Slurm time")
+    if match.group(2) is None:
+        return float("inf")
+    days, first, second, third = match.groups()
+    a, b, c = int(first), int(second or 0), int(third or 0)
+    if days is not None:  # D-HH[:MM[:SS]]
+        return int(days) * 86400 + a * 3600 + b * 60 + c
+    if third is not None:  # HH:MM:SS
+        return a * 3600 + b * 60 + c
+    return a * 60 + b  # MM[:SS]
+DEFAULT_PREFIX = {"lr": "lr", "condition_frames": "cf", "finetune_steps": "steps"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -39,75 +62,250 @@ _Loader.add_implicit_resolver(
 )
 
 
-@dataclass(frozen=True)
-class Baseline:
+# ---------------------------------------------------------------- value types with today's messages
+
+
+def _problem(problem: str, fix: str = "", key: str = "") -> PydanticCustomError:
+    """An error the formatter prints as `key problem: fix`; `key` names it when a whole-section
+    check raises it (pydantic then locates it at the section, not at the key it is about)."""
+    return PydanticCustomError("hparray", "{problem}", {"problem": problem, "fix": fix, "key": key})
+
+
+def _show(value: Any) -> str:
+    return repr(value) if not isinstance(value, (dict, list, tuple)) else type(value).__name__
+
+
+def _integer(value: Any) -> Any:
+    """Integers, and floats with an integral value (YAML `20.0`); never booleans or strings."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _problem(f"must be an integer, got {_show(value)}", "write an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise _problem(f"must be an integer, got {_show(value)}", "write an integer")
+        return int(value)
+    return value
+
+
+def _number(value: Any) -> Any:
+    """Numbers, and strings that hold one ('1e-5' quoted, or read as text by another YAML tool)."""
+    if isinstance(value, bool):
+        raise _problem(f"must be a number, got {_show(value)}", "write a number")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise _problem(f"must be a number, got {_show(value)}", "write a number") from None
+    if not isinstance(value, (int, float)):
+        raise _problem(f"must be a number, got {_show(value)}", "write a number")
+    return float(value)
+
+
+def _text(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise _problem(f"must be a string, got {_show(value)}", "write a string")
+    return value
+
+
+def _strings(value: Any) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise _problem(f"must be a list, got {_show(value)}", "write a list")
+    if not all(isinstance(item, str) for item in value):
+        raise _problem("must be a list of strings", "quote every element")
+    return tuple(value)
+
+
+Int = Annotated[int, BeforeValidator(_integer)]
+Float = Annotated[float, BeforeValidator(_number)]
+Text = Annotated[str, BeforeValidator(_text)]
+Strings = Annotated[tuple[str, ...], BeforeValidator(_strings)]
+
+
+def _fix(text: str, **extra: Any) -> Any:
+    """Field metadata: the fix printed with any problem of this key (and, for Slurm, its directive)."""
+    return {"fix": text, **extra}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- base.yaml, one model per section
+
+
+class Baseline(Section):
     """The point every search varies one factor around."""
 
-    lr: float
-    condition_frames: int
-    finetune_steps: int
+    lr: Float = Field(gt=0, json_schema_extra=_fix("use a positive learning rate such as 1e-5"))
+    condition_frames: Int = Field(ge=1, json_schema_extra=_fix("condition on at least 1 frame"))
+    finetune_steps: Int = Field(ge=0, json_schema_extra=_fix("use 0 or more steps"))
 
 
-@dataclass(frozen=True)
-class DataSettings:
-    source: str
-    num_videos: int
-    stratify_by: str
-    num_frames: int
-    height: int
-    width: int
+class DataSettings(Section):
+    """Where the videos come from, how many, and the geometry every runner sees."""
+
+    source: Text = Field(json_schema_extra=_fix("set data.source to 'sample', a folder of videos or a CSV manifest"))
+    num_videos: Int = Field(20, ge=1)
+    stratify_by: Literal["category"] = Field(
+        "category", json_schema_extra=_fix("stratify by 'category' (the subfolder or manifest column)"))
+    num_frames: Int = Field(49, ge=2)
+    height: Int = Field(64, ge=1)
+    width: Int = Field(64, ge=1)
 
 
-@dataclass(frozen=True)
-class TaskSettings:
-    max_attempts: int
-    max_losses: int
-    circuit_breaker: int
-    gpu_minutes_per_task: float
-    baseline_gpu_minutes: float
-    heartbeat_interval_s: float
-    heartbeat_grace_s: float
+class RunnerSettings(Section):
+    """Which runner produces the frames: `ltx`, `command` or `package.module:Class`."""
+
+    name: Text = "ltx"
+    command: Strings = Field((), json_schema_extra=_fix("give the argv as a list, e.g. [python, infer.py, '{video}']"))
+    timeout_s: Float = Field(3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _command_given(self) -> RunnerSettings:
+        if self.name == "command" and not self.command:
+            raise _problem("is empty but runner.name is 'command'",
+                           "give the script's argv as a list, e.g. [python, infer.py, --video, '{video}']",
+                           key="runner.command")
+        return self
 
 
-@dataclass(frozen=True)
-class SlurmSettings:
-    job_name: str
-    partition: str | None
-    account: str | None
-    qos: str | None
-    time: str
-    gpus_per_task: int
-    cpus_per_task: int
-    mem_gb: int
-    constraint: str | None
-    extra_directives: tuple[str, ...]
-    setup: tuple[str, ...]
-    workers: int
-    throttle: int
-    signal_grace_s: int
-    log_dir: str
+class ModelSettings(Section):
+    """What the built-in LTX-Video runner loads and how it fine-tunes (other runners may ignore it)."""
+
+    path: Text | None = None
+    finetune: Literal["full", "lora"] = "full"
+    lora_rank: Int = Field(8, ge=1)
+    inference_steps: Int = Field(8, ge=1)
+    guidance_scale: Float = Field(1.0, ge=1.0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    frame_rate: Int = Field(25, ge=1)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The validated content of `configs/base.yaml`."""
+# The model settings that entered config hashes from the start; any later one enters a hash only
+# when it differs from its default, so configs that do not use it keep their hashes (and results).
+_HASHED_SINCE_0_1 = frozenset({"path", "finetune", "lora_rank", "inference_steps", "guidance_scale", "dtype",
+                               "frame_rate"})
 
-    seed: int
+
+class TaskSettings(Section):
+    """Budgets, estimates and heartbeats of the rows."""
+
+    max_attempts: Int = Field(3, ge=1)
+    max_losses: Int = Field(10, ge=1)
+    circuit_breaker: Int = Field(3, ge=0)
+    gpu_minutes_per_task: Float = Field(5.0, gt=0)
+    baseline_gpu_minutes: Float = Field(1.0, gt=0)
+    heartbeat_interval_s: Float = Field(30.0, gt=0)
+    heartbeat_grace_s: Float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _grace_outlasts_a_beat(self) -> TaskSettings:
+        if self.heartbeat_grace_s < 2 * self.heartbeat_interval_s:
+            raise _problem(f"is {self.heartbeat_grace_s} s, under twice the heartbeat interval",
+                           "make the grace at least 2x tasks.heartbeat_interval_s so one late beat is not a death",
+                           key="tasks.heartbeat_grace_s")
+        return self
+
+
+def _slurm_time(value: Any) -> Any:
+    value = _text(value)
+    try:
+        slurm_seconds(value)
+    except ValueError:
+        raise _problem(f"is not a Slurm time, got {value!r}",
+                       "write it as Slurm does: MM, HH:MM:SS or D-HH:MM:SS") from None
+    return value
+
+
+def _sbatch(flag: str, **extra: Any) -> Any:
+    """Field metadata: the `#SBATCH` line this setting becomes (`{}` is its value)."""
+    return {"sbatch": flag, **extra}
+
+
+class SlurmSettings(Section):
+    """The job array. The fields with an `sbatch` line, in this order, are the script's resource
+    directives (`directives()`): declared once here, rendered from here."""
+
+    job_name: Text = Field("hparray", json_schema_extra=_sbatch("--job-name={}"))
+    partition: Text | None = Field(None, json_schema_extra=_sbatch("--partition={}"))
+    account: Text | None = Field(None, json_schema_extra=_sbatch("--account={}"))
+    qos: Text | None = Field(None, json_schema_extra=_sbatch("--qos={}"))
+    time: Annotated[str, BeforeValidator(_slurm_time)] = Field("04:00:00", json_schema_extra=_sbatch("--time={}"))
+    gpus_per_task: Int = Field(1, ge=0, json_schema_extra=_sbatch("--gres=gpu:{}"))
+    cpus_per_task: Int = Field(8, ge=1, json_schema_extra=_sbatch("--cpus-per-task={}"))
+    mem_gb: Int = Field(64, ge=1, json_schema_extra=_sbatch("--mem={}G"))
+    constraint: Text | None = Field(None, json_schema_extra=_sbatch("--constraint={}"))
+    extra_directives: Strings = ()
+    setup: Strings = ()
+    workers: Int = Field(8, ge=1)
+    throttle: Int = Field(8, ge=1)
+    signal_grace_s: Int = Field(300, ge=1)
+    log_dir: Text = "logs/slurm"
+
+    def directives(self) -> list[tuple[str, str, Any]]:
+        """(setting, sbatch format, value) of every set resource directive, in declaration order
+        (a None or 0 value means no such line: no partition named, no GPU asked for)."""
+        lines = []
+        for name, info in type(self).model_fields.items():
+            extra = info.json_schema_extra
+            flag = extra.get("sbatch") if isinstance(extra, dict) else None
+            value = getattr(self, name)
+            if flag and value not in (None, 0):
+                lines.append((name, str(flag), value))
+        return lines
+
+
+class Settings(Section):
+    """The validated content of `configs/base.yaml` (and the folder it came from)."""
+
+    seed: Int = 0
     baseline: Baseline
     data: DataSettings
-    runner: dict[str, Any]
-    model: dict[str, Any]
-    metrics: tuple[str, ...]
-    tasks: TaskSettings
-    slurm: SlurmSettings
-    output_dir: str
-    config_dir: Path
+    runner: RunnerSettings = RunnerSettings()
+    model: ModelSettings = ModelSettings()
+    metrics: tuple[str, ...] = METRICS
+    tasks: TaskSettings = TaskSettings()
+    slurm: SlurmSettings = SlurmSettings()
+    output_dir: Text = "results"
+    config_dir: Path = Field(default=Path("configs"), exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metrics_known(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "metrics" in data:
+            metrics = data["metrics"]
+            if not isinstance(metrics, (list, tuple)):
+                raise _problem(f"must be a list, got {_show(metrics)}", f"list some of {', '.join(METRICS)}",
+                               key="metrics")
+            if not metrics:
+                raise _problem("is empty", f"list at least one of {', '.join(METRICS)}", key="metrics")
+            unknown = [m for m in metrics if m not in METRICS]
+            if unknown:
+                raise _problem(f"contains {unknown[0]!r}", f"use some of {', '.join(METRICS)}", key="metrics")
+            data = {**data, "metrics": tuple(metrics)}
+        return data
+
+    @model_validator(mode="after")
+    def _frames_left_to_score(self) -> Settings:
+        if self.baseline.condition_frames >= self.data.num_frames:
+            raise _problem(f"is {self.baseline.condition_frames} but videos have data.num_frames "
+                           f"{self.data.num_frames}",
+                           "condition on fewer frames than the video has, so some frames are left to score",
+                           key="baseline.condition_frames")
+        from hparray.runners.protocol import geometry_problem
+
+        problem = geometry_problem(self.runner.name, self.data.height, self.data.width)
+        if problem:
+            raise _problem(problem[1], problem[2], key=problem[0])
+        return self
 
     def experiment_fingerprint(self) -> dict[str, Any]:
         """What, besides the hyperparameters, decides a task's result; part of every config hash."""
+        model = self.model.model_dump()
+        defaults = ModelSettings().model_dump()
+        model = {k: v for k, v in model.items() if k in _HASHED_SINCE_0_1 or v != defaults[k]}
         return {
-            "runner": {"name": self.runner["name"], "command": list(self.runner["command"])},
-            "model": dict(sorted(self.model.items())),
+            "runner": {"name": self.runner.name, "command": list(self.runner.command)},
+            "model": dict(sorted(model.items())),
             "frames": [self.data.num_frames, self.data.height, self.data.width],
             "seed": self.seed,
         }
@@ -116,6 +314,9 @@ class Settings:
         """Artifacts folder; relative paths are relative to the project folder (configs' parent)."""
         path = Path(self.output_dir)
         return path if path.is_absolute() else self.config_dir.parent / path
+
+
+# ---------------------------------------------------------------- search files
 
 
 @dataclass(frozen=True)
@@ -128,6 +329,16 @@ class Search:
     prefix: str
     file: Path
     description: str = ""
+
+
+class SearchFile(Section):
+    """The shape of a `<name>_search.yaml`; its values are checked against the baseline after."""
+
+    search: Text | None = None
+    parameter: Text = Field(json_schema_extra=_fix("name the factor, e.g. parameter: lr"))
+    values: list[Any] = Field(json_schema_extra=_fix("list the values to try, e.g. values: [1e-6, 1e-5, 1e-4]"))
+    prefix: Text | None = None
+    description: Text = ""
 
 
 @dataclass(frozen=True)
@@ -147,104 +358,7 @@ class SweepConfig:
         return [self.searches[which]]
 
 
-# ---------------------------------------------------------------- validation helpers
-
-Check = Callable[[Any], str | None]
-
-
-class _Section:
-    """Reads one mapping of a YAML file, naming `file: key` in every complaint."""
-
-    def __init__(self, file: Path, prefix: str, data: Any, known: tuple[str, ...]):
-        self.file, self.prefix = file, prefix
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise self.error(prefix.rstrip(".") or "top level", f"must be a mapping of keys, got {_show(data)}",
-                             "indent the keys under it")
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(known)}"
-                raise self.error(f"{prefix}{key}", "is not a known key", hint)
-        self.data = data
-
-    def error(self, key: str, problem: str, fix: str) -> ConfigError:
-        return ConfigError(f"{self.file}: {key} {problem}: {fix}")
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., check: Check | None = None,
-            fix: str = "") -> Any:
-        name = f"{self.prefix}{key}"
-        if key not in self.data or (self.data[key] is None and default is None):
-            if default is ...:
-                raise self.error(name, "is missing", fix or f"add {name} to {self.file.name}")
-            return default
-        value = _coerce(self.data[key], kind)
-        if value is _BAD:
-            raise self.error(name, f"must be {_kind_name(kind)}, got {_show(self.data[key])}",
-                             fix or f"write a {_kind_name(kind)}")
-        if check is not None and (problem := check(value)):
-            raise self.error(name, problem, fix or "change the value")
-        return value
-
-    def sub(self, key: str, known: tuple[str, ...]) -> _Section:
-        return _Section(self.file, f"{self.prefix}{key}.", self.data.get(key), known)
-
-
-_BAD = object()
-
-
-def _coerce(value: Any, kind: type | tuple[type, ...]) -> Any:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        return _BAD
-    if isinstance(value, kinds):
-        return float(value) if float in kinds and int not in kinds and isinstance(value, int) else value
-    if float in kinds and isinstance(value, int):
-        return float(value)
-    if float in kinds and isinstance(value, str):
-        try:  # '1e-5' written in quotes, or read as a string by another YAML tool
-            return float(value)
-        except ValueError:
-            return _BAD
-    if int in kinds and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if list in kinds and isinstance(value, tuple):
-        return list(value)
-    return _BAD
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", list: "a list", bool: "true or false",
-             dict: "a mapping"}
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds if k is not type(None)) or "null"
-
-
-def _show(value: Any) -> str:
-    return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be > 0, got {value}"
-
-
-def _at_least(low: float) -> Check:
-    return lambda value: None if value >= low else f"must be >= {low}, got {value}"
-
-
-def _multiple_of(n: int) -> Check:
-    return lambda value: None if value > 0 and value % n == 0 else f"must be a positive multiple of {n}, got {value}"
-
-
-def _is_slurm_time(value: str) -> bool:
-    from hparray.slurm import slurm_seconds
-
-    try:
-        slurm_seconds(value)
-    except ValueError:
-        return False
-    return True
+# ---------------------------------------------------------------- loading
 
 
 def _read_yaml(path: Path) -> Any:
@@ -265,165 +379,102 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}:{where} is not valid YAML ({problem}): fix the syntax there") from None
 
 
-# ---------------------------------------------------------------- loading
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel], str] | None:
+    """The section model and field name a validation error's location points at."""
+    current: type[BaseModel] = model
+    for part in loc[:-1]:
+        info = current.model_fields.get(str(part))
+        annotation = info.annotation if info is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        current = annotation
+    return current, str(loc[-1])
 
-BASE_KEYS = ("seed", "baseline", "data", "runner", "model", "metrics", "tasks", "slurm", "output_dir")
-MODEL_KEYS = ("path", "finetune", "lora_rank", "inference_steps", "guidance_scale", "dtype", "frame_rate")
+
+def explain(error: ValidationError, file: Path, model: type[BaseModel]) -> ConfigError:
+    """A pydantic ValidationError as today's one line: `file: key problem: fix`."""
+    first = error.errors()[0]
+    loc = tuple(str(part) for part in first["loc"] if not str(part).startswith("function-"))
+    kind, ctx, given = first["type"], first.get("ctx") or {}, first.get("input")
+    key = ".".join(loc)
+    where = _model_at(model, loc) if loc else None
+    info = where[0].model_fields.get(where[1]) if where else None
+    extra = info.json_schema_extra if info is not None else None
+    fix = str(extra.get("fix", "")) if isinstance(extra, dict) else ""
+    if kind == "hparray":
+        problem, fix, key = ctx["problem"], ctx.get("fix") or fix, ctx.get("key") or key
+    elif kind == "missing":
+        problem, fix = "is missing", fix or f"add {key} to {file.name}"
+    elif kind == "extra_forbidden":
+        known = list(where[0].model_fields) if where else []
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        prefix = ".".join(loc[:-1]) + "." if len(loc) > 1 else ""
+        problem = "is not a known key"
+        fix = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(known)}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        sign = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()))
+        problem, fix = f"must be {sign} {bound}, got {given}", fix or "change the value"
+    elif kind == "literal_error":
+        problem, fix = f"must be {ctx['expected']}, got {given!r}", fix or "use one of those"
+    elif kind in ("model_type", "dict_type", "model_attributes_type"):
+        problem, fix = f"must be a mapping of keys, got {_show(given)}", "indent the keys under it"
+    else:
+        problem, fix = f"{first['msg'].lower()}, got {_show(given)}", fix or "change the value"
+    return ConfigError(f"{file}: {key or 'top level'} {problem}: {fix or 'change the value'}")
 
 
 def load_settings(config_dir: Path) -> Settings:
     """Read and validate `base.yaml` in `config_dir`."""
     file = config_dir / "base.yaml"
-    top = _Section(file, "", _read_yaml(file), BASE_KEYS)
-
-    base = top.sub("baseline", HYPERPARAMETERS)
-    baseline = Baseline(
-        lr=base.get("lr", float, check=_positive, fix="use a positive learning rate such as 1e-5"),
-        condition_frames=base.get("condition_frames", int, check=_at_least(1), fix="condition on at least 1 frame"),
-        finetune_steps=base.get("finetune_steps", int, check=_at_least(0), fix="use 0 or more steps"),
-    )
-
-    d = top.sub("data", ("source", "num_videos", "stratify_by", "num_frames", "height", "width"))
-    data = DataSettings(
-        source=d.get("source", str, fix="set data.source to 'sample', a folder of videos or a CSV manifest"),
-        num_videos=d.get("num_videos", int, 20, _at_least(1)),
-        stratify_by=d.get("stratify_by", str, "category",
-                          lambda v: None if v == "category" else f"must be 'category', got {v!r}",
-                          fix="stratify by 'category' (the subfolder or manifest column)"),
-        num_frames=d.get("num_frames", int, 49, _at_least(2)),
-        height=d.get("height", int, 64, _multiple_of(32), fix="LTX-Video needs heights that are multiples of 32"),
-        width=d.get("width", int, 64, _multiple_of(32), fix="LTX-Video needs widths that are multiples of 32"),
-    )
-    if baseline.condition_frames >= data.num_frames:
-        raise base.error("baseline.condition_frames",
-                         f"is {baseline.condition_frames} but videos have data.num_frames {data.num_frames}",
-                         "condition on fewer frames than the video has, so some frames are left to score")
-
-    r = top.sub("runner", ("name", "command", "timeout_s"))
-    runner = {
-        "name": r.get("name", str, "ltx"),
-        "command": tuple(r.get("command", list, [])),
-        "timeout_s": r.get("timeout_s", float, 3600.0, _positive),
-    }
-    if runner["name"] == "command" and not runner["command"]:
-        raise r.error("runner.command", "is empty but runner.name is 'command'",
-                      "give the script's argv as a list, e.g. [python, infer.py, --video, '{video}']")
-    if not all(isinstance(arg, str) for arg in runner["command"]):
-        raise r.error("runner.command", "must be a list of strings", "quote every argument")
-
-    m = top.sub("model", MODEL_KEYS)
-    model = {
-        "path": m.get("path", str, None),
-        "finetune": m.get("finetune", str, "full",
-                          lambda v: None if v in ("full", "lora") else f"must be 'full' or 'lora', got {v!r}"),
-        "lora_rank": m.get("lora_rank", int, 8, _at_least(1)),
-        "inference_steps": m.get("inference_steps", int, 8, _at_least(1)),
-        "guidance_scale": m.get("guidance_scale", float, 1.0, _at_least(1.0)),
-        "dtype": m.get("dtype", str, "float32",
-                       lambda v: None if v in ("float32", "bfloat16", "float16") else
-                       f"must be float32, bfloat16 or float16, got {v!r}"),
-        "frame_rate": m.get("frame_rate", int, 25, _at_least(1)),
-    }
-
-    metrics = tuple(top.get("metrics", list, list(METRICS)))
-    for metric in metrics:
-        if metric not in METRICS:
-            raise top.error("metrics", f"contains {metric!r}", f"use some of {', '.join(METRICS)}")
-    if not metrics:
-        raise top.error("metrics", "is empty", f"list at least one of {', '.join(METRICS)}")
-
-    t = top.sub("tasks", ("max_attempts", "max_losses", "circuit_breaker", "gpu_minutes_per_task",
-                          "baseline_gpu_minutes",
-                          "heartbeat_interval_s", "heartbeat_grace_s"))
-    tasks = TaskSettings(
-        max_attempts=t.get("max_attempts", int, 3, _at_least(1)),
-        max_losses=t.get("max_losses", int, 10, _at_least(1)),
-        circuit_breaker=t.get("circuit_breaker", int, 3, _at_least(0)),
-        gpu_minutes_per_task=t.get("gpu_minutes_per_task", float, 5.0, _positive),
-        baseline_gpu_minutes=t.get("baseline_gpu_minutes", float, 1.0, _positive),
-        heartbeat_interval_s=t.get("heartbeat_interval_s", float, 30.0, _positive),
-        heartbeat_grace_s=t.get("heartbeat_grace_s", float, 300.0, _positive),
-    )
-    if tasks.heartbeat_grace_s < 2 * tasks.heartbeat_interval_s:
-        raise t.error("tasks.heartbeat_grace_s", f"is {tasks.heartbeat_grace_s} s, under twice the heartbeat interval",
-                      "make the grace at least 2x tasks.heartbeat_interval_s so one late beat is not a death")
-
-    s = top.sub("slurm", ("job_name", "partition", "account", "qos", "time", "gpus_per_task", "cpus_per_task",
-                          "mem_gb", "constraint", "extra_directives", "setup", "workers", "throttle",
-                          "signal_grace_s", "log_dir"))
-    slurm = SlurmSettings(
-        job_name=s.get("job_name", str, "hparray"),
-        partition=s.get("partition", str, None),
-        account=s.get("account", str, None),
-        qos=s.get("qos", str, None),
-        time=s.get("time", str, "04:00:00",
-                   lambda v: None if _is_slurm_time(v) else f"is not a Slurm time, got {v!r}",
-                   fix="write it as Slurm does: MM, HH:MM:SS or D-HH:MM:SS"),
-        gpus_per_task=s.get("gpus_per_task", int, 1, _at_least(0)),
-        cpus_per_task=s.get("cpus_per_task", int, 8, _at_least(1)),
-        mem_gb=s.get("mem_gb", int, 64, _at_least(1)),
-        constraint=s.get("constraint", str, None),
-        extra_directives=tuple(s.get("extra_directives", list, [])),
-        setup=tuple(s.get("setup", list, [])),
-        workers=s.get("workers", int, 8, _at_least(1)),
-        throttle=s.get("throttle", int, 8, _at_least(1)),
-        signal_grace_s=s.get("signal_grace_s", int, 300, _at_least(1)),
-        log_dir=s.get("log_dir", str, "logs/slurm"),
-    )
-
-    return Settings(
-        seed=top.get("seed", int, 0),
-        baseline=baseline,
-        data=data,
-        runner=runner,
-        model=model,
-        metrics=metrics,
-        tasks=tasks,
-        slurm=slurm,
-        output_dir=top.get("output_dir", str, "results"),
-        config_dir=config_dir.resolve(),
-    )
-
-
-SEARCH_KEYS = ("search", "parameter", "values", "prefix", "description")
-DEFAULT_PREFIX = {"lr": "lr", "condition_frames": "cf", "finetune_steps": "steps"}
+    data = _read_yaml(file)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: top level must be a mapping of keys, got {_show(data)}: indent the keys under it")
+    if "config_dir" in data:
+        raise ConfigError(f"{file}: config_dir is not a known key: it is where base.yaml is, not a setting")
+    try:
+        return Settings.model_validate({**data, "config_dir": config_dir.resolve()})
+    except ValidationError as err:
+        raise explain(err, file, Settings) from None
 
 
 def load_search(file: Path, settings: Settings) -> Search:
     """Read one `<name>_search.yaml` and check its values against the baseline."""
     name = file.name[: -len("_search.yaml")]
-    top = _Section(file, "", _read_yaml(file), SEARCH_KEYS)
-    declared = top.get("search", str, name)
+    data = _read_yaml(file)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: top level must be a mapping of keys, got {_show(data)}: indent the keys under it")
+    try:
+        raw = SearchFile.model_validate(data)
+    except ValidationError as err:
+        raise explain(err, file, SearchFile) from None
+    declared = raw.search or name
     if declared != name:
-        raise top.error("search", f"is {declared!r} but the file is named {file.name}",
-                        f"rename the file to {declared}_search.yaml or set search: {name}")
-    parameter = top.get("parameter", str)
+        raise ConfigError(f"{file}: search is {declared!r} but the file is named {file.name}: "
+                          f"rename the file to {declared}_search.yaml or set search: {name}")
+    parameter = raw.parameter
     if parameter not in HYPERPARAMETERS:
-        raise top.error("parameter", f"is {parameter!r}, which the baseline in base.yaml does not have",
-                        f"vary one of {', '.join(HYPERPARAMETERS)}")
-    kind = float if parameter == "lr" else int
-    raw = top.get("values", list, fix="list the values to try, e.g. values: [1e-6, 1e-5, 1e-4]")
-    if not raw:
-        raise top.error("values", "is empty", "list at least one value to try")
+        raise ConfigError(f"{file}: parameter is {parameter!r}, which the baseline in base.yaml does not have: "
+                          f"vary one of {', '.join(HYPERPARAMETERS)}")
+    if not raw.values:
+        raise ConfigError(f"{file}: values is empty: list at least one value to try")
     values: list[float | int] = []
-    for i, item in enumerate(raw):
-        value = _coerce(item, kind)
-        if value is _BAD:
-            raise top.error(f"values[{i}]", f"must be {_kind_name(kind)}, got {_show(item)}", "fix that value")
+    for i, item in enumerate(raw.values):
+        try:
+            value: float | int = _number(item) if parameter == "lr" else _integer(item)
+        except PydanticCustomError as err:
+            raise ConfigError(f"{file}: values[{i}] {err.context['problem'] if err.context else err}: "
+                              "fix that value") from None
         problem = _check_hyperparameter(parameter, value, settings)
         if problem:
-            raise top.error(f"values[{i}]", problem[0], problem[1])
+            raise ConfigError(f"{file}: values[{i}] {problem[0]}: {problem[1]}")
         if value in values:
-            raise top.error(f"values[{i}]", f"repeats {value}", "list each value once")
+            raise ConfigError(f"{file}: values[{i}] repeats {value}: list each value once")
         values.append(value)
-    return Search(
-        name=name,
-        parameter=parameter,
-        values=tuple(values),
-        prefix=top.get("prefix", str, DEFAULT_PREFIX[parameter]),
-        file=file,
-        description=top.get("description", str, ""),
-    )
+    return Search(name=name, parameter=parameter, values=tuple(values),
+                  prefix=raw.prefix or DEFAULT_PREFIX[parameter], file=file, description=raw.description)
 
 
 def _check_hyperparameter(parameter: str, value: float, settings: Settings) -> tuple[str, str] | None:
@@ -455,27 +506,6 @@ def load_sweep(config_dir: Path) -> SweepConfig:
     if not searches:
         raise ConfigError(f"{config_dir}: no *_search.yaml files: add one, e.g. lr_search.yaml")
     return SweepConfig(settings=settings, searches=searches)
-
-
-def write_starter_configs(project: Path, force: bool = False) -> list[Path]:
-    """Copy the shipped, commented configs (base.yaml and the three searches) into
-    `project/configs/`; refuses to overwrite a file unless `force`. Returns the files written."""
-    from hparray import resources
-
-    shipped = sorted((f for f in resources.configs().iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
-    target = Path(project) / "configs"
-    existing = [target / f.name for f in shipped if (target / f.name).exists()]
-    if existing and not force:
-        raise ConfigError(f"{existing[0]} exists: edit it, or pass --force to overwrite the starter configs")
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        written = []
-        for f in shipped:
-            (target / f.name).write_text(f.read_text())
-            written.append(target / f.name)
-    except OSError as exc:
-        raise ConfigError(f"cannot write {target} ({exc.strerror}): choose a folder you can write") from None
-    return written
 
 
 def format_value(value: float | int) -> str:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from hparray import slurm
 from hparray.config import Settings
+from hparray.environment import NETWORK_FILESYSTEMS
 from hparray.errors import HparrayError
 from hparray.metrics import lpips_weights_status, require_lpips
 from hparray.plan import model_description
-from hparray.runner import check_runner
-from hparray.store import NETWORK_FILESYSTEMS, Store
+from hparray.runners import check_runner
+from hparray.store import Store
 
 PACKAGES = ("scikit-image", "sqlalchemy", "click", "rich", "pydantic", "av")
 # Optional, by extra: the built-in LTX-Video runner, and LPIPS.
@@ -83,7 +84,7 @@ def _packages() -> list[Check]:
 
 
 def _gpus() -> Check:
-    from hparray.executor import visible_gpus
+    from hparray.environment import visible_gpus
 
     gpus = visible_gpus()
     if gpus:
@@ -110,7 +111,7 @@ def _model(settings: Settings) -> Check:
         check_runner(settings)
     except HparrayError as err:
         return Check("runner", "fail", str(err), "fix runner or model in configs/base.yaml")
-    return Check("runner", "ok", f"{settings.runner['name']}: {model_description(settings)}")
+    return Check("runner", "ok", model_description(settings))
 
 
 def _disk(settings: Settings) -> Check:

@@ -17,26 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from hparray.config import Settings
+from hparray.environment import default_device
 from hparray.errors import RunnerError
 from hparray.metrics import Scorer, trivial_prediction
 from hparray.plan import config_hash, task_seed
-from hparray.runner import Clip, Hyperparams, Runner, runner_class
+from hparray.runners import Clip, Hyperparams, Runner
+from hparray.runners.protocol import build_runner, runner_identity
 from hparray.tasks import ClaimedTask, TaskOutcome
 from hparray.videos import VideoRef, read_video
 
 log = logging.getLogger(__name__)
-
-
-def default_device() -> str:
-    """'cuda' when this process sees a GPU, else 'cpu'; torch is imported only when a GPU may be
-    there, so workers of light runners start in a second rather than five."""
-    from hparray.executor import visible_gpus
-
-    if not visible_gpus():
-        return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Experiment:
@@ -45,7 +35,7 @@ class Experiment:
     def __init__(self, settings: Settings, device: str | None = None, runner: Runner | None = None):
         self.settings = settings
         self.device = device or default_device()
-        self.runner = runner or runner_class(settings.runner["name"])(settings.runner, settings.model, self.device)
+        self.runner = runner or build_runner(settings, self.device)
         self.scorer = Scorer(list(settings.metrics), self.device)
         self._loaded = False
         self._load_s = 0.0
@@ -63,7 +53,7 @@ class Experiment:
     def matches_plan(self, task: ClaimedTask) -> bool:
         """Whether this worker's settings would produce what the plan promised for `task`."""
         hp = self.hyperparams(task)
-        return config_hash(task.kind, hp, self.settings)[0] == task.config_hash
+        return config_hash(task.kind, hp, self.settings, runner_identity(self.runner))[0] == task.config_hash
 
     @staticmethod
     def hyperparams(task: ClaimedTask) -> Hyperparams:
@@ -107,7 +97,7 @@ class Experiment:
             timings["metrics"] = time.perf_counter() - scoring
             outcome.lpips_weights = self.scorer.lpips_weights
             if artifact_dirs:
-                staged = stage_artifacts(generation.frames, artifact_dirs[0], self.settings.model["frame_rate"],
+                staged = stage_artifacts(generation.frames, artifact_dirs[0], self.settings.model.frame_rate,
                                          task.lease)
                 outcome.artifact_dir, outcome.staged_dir = str(artifact_dirs[0]), str(staged)
                 self._links[str(staged)] = artifact_dirs[1:]

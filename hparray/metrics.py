@@ -19,7 +19,11 @@ import numpy as np
 
 from hparray.errors import ConfigError, MetricsError
 
-METRIC_NAMES = ("psnr", "ssim", "lpips")
+METRICS = ("psnr", "ssim", "lpips")
+"""The metrics hparray scores, in the order tables show them (their one definition)."""
+METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS"}
+METRIC_UNITS = {"psnr": " dB", "ssim": "", "lpips": ""}
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
 
 PSNR_CAP_DB = 100.0
 """PSNR of (near-)identical frames: 10*log10(1/1e-10), the cap Open-Sora's eval applies."""
@@ -186,12 +190,12 @@ class Scorer:
     def __init__(
         self, metrics: Sequence[str], device: str = "cpu", allow_nongenuine_lpips: bool = False
     ) -> None:
-        unknown = [m for m in metrics if m not in METRIC_NAMES]
+        unknown = [m for m in metrics if m not in METRICS]
         if unknown or not metrics:
             raise ConfigError(
-                f"metrics {list(metrics)!r}: choose one or more of {', '.join(METRIC_NAMES)}"
+                f"metrics {list(metrics)!r}: choose one or more of {', '.join(METRICS)}"
             )
-        self.metrics = tuple(m for m in METRIC_NAMES if m in metrics)
+        self.metrics = tuple(m for m in METRICS if m in metrics)
         self.device = device
         self.lpips_weights: str | None = None
         self._lpips: Any = None

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from hparray.config import Search, Settings, SweepConfig, format_value
-from hparray.runner import Hyperparams
-from hparray.runners.ltx import builtin_model_id
+from hparray.errors import StoreError
+from hparray.runners import Hyperparams
+from hparray.runners.protocol import build_runner, describe_runner, runner_identity
+from hparray.store import PlanCounts, Store
 from hparray.tasks import TaskSpec
 from hparray.videos import VideoRef, check_videos, list_videos, stratified_sample
 
@@ -77,29 +79,25 @@ class Plan:
                  "seed": video_seed(v.name)} for v in self.videos]
 
 
-def config_hash(kind: str, hp: Hyperparams, settings: Settings) -> tuple[str, dict[str, Any]]:
-    """Content hash of what decides a task's result; the same on every machine and Python."""
+def config_hash(kind: str, hp: Hyperparams, settings: Settings, model_identity: str | None = None
+                ) -> tuple[str, dict[str, Any]]:
+    """Content hash of what decides a task's result; the same on every machine and Python.
+
+    `model_identity` is the runner's own name for the model it runs (`Runner.identity()`), when
+    the settings alone do not say (the built-in weights' digest, a resident server's model)."""
     params: dict[str, Any] = {"kind": kind, "condition_frames": hp.condition_frames,
                               "experiment": settings.experiment_fingerprint()}
     if kind == "finetune":
         params.update(lr=hp.lr, finetune_steps=hp.finetune_steps)
-    if settings.runner["name"] == "ltx" and settings.model.get("path") is None:
-        params["builtin_model"] = builtin_model_id()
+    if model_identity is not None:
+        params["model_identity"] = model_identity
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     return digest, params
 
 
 def model_description(settings: Settings) -> str:
     """One line naming the model the rows will run, for the plan shown before GPU time is spent."""
-    runner = settings.runner["name"]
-    if runner != "ltx":
-        return f"runner {runner}"
-    if settings.model.get("path") is not None:
-        return f"runner ltx, model.path {settings.model['path']}"
-    ident = builtin_model_id()
-    if ident == "missing":
-        return "runner ltx, built-in tiny model: WEIGHTS MISSING (reinstall hparray; workers will refuse to start)"
-    return f"runner ltx, built-in tiny model trained on procedural videos (weights {ident})"
+    return describe_runner(settings)
 
 
 def video_seed(name: str) -> int:
@@ -125,12 +123,13 @@ def build_plan(sweep: SweepConfig, which: str, videos: list[VideoRef]) -> Plan:
     settings = sweep.settings
     searches = sweep.select(which)
     base = settings.baseline
+    identity = runner_identity(build_runner(settings))
     finetunes: dict[str, PlannedConfig] = {}
     for search in searches:
         for value in search.values:
             hp = Hyperparams(lr=base.lr, condition_frames=base.condition_frames, finetune_steps=base.finetune_steps)
             hp = Hyperparams(**{**hp.__dict__, search.parameter: value})
-            digest, params = config_hash("finetune", hp, settings)
+            digest, params = config_hash("finetune", hp, settings, identity)
             config = finetunes.setdefault(digest, PlannedConfig(digest, "finetune", hp, params))
             config.names[search.name] = f"{search.prefix}_{format_value(value)}"
             if value == getattr(base, search.parameter):
@@ -141,7 +140,7 @@ def build_plan(sweep: SweepConfig, which: str, videos: list[VideoRef]) -> Plan:
         cf = config.hp.condition_frames
         if cf not in baselines:
             hp = Hyperparams(lr=0.0, condition_frames=cf, finetune_steps=0)
-            digest, params = config_hash("baseline", hp, settings)
+            digest, params = config_hash("baseline", hp, settings, identity)
             baselines[cf] = PlannedConfig(digest, "baseline", hp, params)
 
     baseline_s = settings.tasks.baseline_gpu_minutes * 60.0
@@ -157,3 +156,24 @@ def build_plan(sweep: SweepConfig, which: str, videos: list[VideoRef]) -> Plan:
               for v in videos for c in finetunes.values()]
     configs = sorted(baselines.values(), key=lambda c: c.hp.condition_frames) + list(finetunes.values())
     return Plan(settings=settings, searches=searches, configs=configs, videos=videos, tasks=tasks)
+
+
+def apply(store: Store, plan: Plan, now: float) -> PlanCounts:
+    """Write the plan's rows (idempotent: rows already there are never touched)."""
+    tasks = plan.settings.tasks
+    return store.apply_plan(plan.config_rows(), plan.search_config_rows(), plan.video_rows(), plan.tasks,
+                            tasks.max_attempts, now, max_losses=tasks.max_losses)
+
+
+def existing_rows(db: str | None) -> set[tuple[str, str]]:
+    """Rows already planned, without creating a database that does not exist yet (`plan --dry-run`)."""
+    try:
+        store = Store.open(db, create=False)
+    except StoreError as err:
+        if "no database" in str(err):
+            return set()
+        raise
+    try:
+        return store.existing_task_keys()
+    finally:
+        store.close()

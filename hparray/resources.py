@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from importlib.resources import files
 from importlib.resources.abc import Traversable
+from pathlib import Path
+
+from hparray.errors import ConfigError
 
 
 def sql() -> Traversable:
@@ -24,3 +27,22 @@ def sbatch() -> Traversable:
 def configs() -> Traversable:
     """`configs/`: base.yaml and the *_search.yaml files."""
     return files("hparray.configs")
+
+
+def write_starter_configs(project: Path, force: bool = False) -> list[Path]:
+    """Copy the shipped, commented configs (base.yaml and the three searches) into
+    `project/configs/`; refuses to overwrite a file unless `force`. Returns the files written."""
+    shipped = sorted((f for f in configs().iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+    target = Path(project) / "configs"
+    existing = [target / f.name for f in shipped if (target / f.name).exists()]
+    if existing and not force:
+        raise ConfigError(f"{existing[0]} exists: edit it, or pass --force to overwrite the starter configs")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        written = []
+        for f in shipped:
+            (target / f.name).write_text(f.read_text())
+            written.append(target / f.name)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {target} ({exc.strerror}): choose a folder you can write") from None
+    return written

@@ -6,64 +6,53 @@ never older than the heartbeat grace period.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hparray.errors import StoreError
-from hparray.store import ReapReport, Store
-from hparray.tasks import STATUSES
+from hparray.slurm.sweep import SQUEUE_MIN_INTERVAL_S, SlurmView, hung_rows, observe
+from hparray.store import ReapReport, Store, TaskCounts, redact_url
+from hparray.store.records import ConfigProgress, LiveWorker
 
 THROUGHPUT_WINDOW_S = 3600.0
 FAILED_ROWS_SHOWN = 20
 
 
-@dataclass
-class ConfigStatus:
-    """One config's rows; `search` is 'baseline inference' for the un-fine-tuned rows."""
+@dataclass(frozen=True)
+class ConfigStatus(ConfigProgress):
+    """One config's rows as a member of one search; `search` is 'baseline inference' for the
+    un-fine-tuned rows."""
 
     search: str
     name: str
-    hash: str
-    kind: str
     parameter: str | None
     value: float | None
     is_baseline: bool
-    total: int
-    pending: int
-    running: int
-    done: int
-    diverged: int
-    failed: int
-    psnr: float | None
-    ssim: float | None
-    lpips: float | None
-    gpu_minutes: float
+
+    @property
+    def gpu_minutes(self) -> float:
+        return float(self.wall_s or 0.0) / 60.0
 
 
-@dataclass
-class WorkerStatus:
-    id: str
-    host: str
-    pid: int
-    gpu: str | None
-    slurm_job_id: str | None
-    slurm_array_job_id: str | None
-    slurm_array_task_id: str | None
-    task: str | None
-    tasks_done: int
+@dataclass(frozen=True)
+class WorkerStatus(LiveWorker):
+    """A live worker, with how long its heartbeat has been still (on this host's clock, when it
+    has watched it; see docs/faults.md) and whether that is past the grace."""
+
     heartbeat_age_s: float
     stale: bool
+
+    @property
+    def task(self) -> str | None:
+        return f"{self.task_kind} {self.task_video} (#{self.current_task})" if self.current_task else None
 
 
 @dataclass
 class SweepStatus:
-    total: int
-    pending: int
-    running: int
-    done: int
-    diverged: int
-    failed: int
-    blocked: int
+    """Where a sweep stands; `to_json` lays the row counts out at the top level (`total`, `pending`, ...)."""
+
+    counts: TaskCounts
     gpu_minutes: float
     throughput_per_hour: float
     eta_s: float | None
@@ -85,8 +74,11 @@ class SweepStatus:
         return grouped
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["searches"] = {name: [asdict(c) for c in configs] for name, configs in self.searches().items()}
+        data = {**asdict(self.counts), "total": self.counts.total, **asdict(self)}
+        del data["counts"]
+        data["searches"] = {name: [{**asdict(c), "gpu_minutes": c.gpu_minutes} for c in configs]
+                            for name, configs in self.searches().items()}
+        data["workers"] = [{**asdict(w), "task": w.task} for w in self.workers]
         del data["configs"]
         return data
 
@@ -106,9 +98,9 @@ def try_reap(store: Store, now: float, grace_s: float, gone_workers: list[str] |
 def sweep_status(store: Store, now: float, grace_s: float) -> SweepStatus:
     """Reap stale rows, then read the whole picture in a handful of grouped queries."""
     reaped, reap_problem = try_reap(store, now, grace_s)
-    per_config = {row.hash: row for row in store.fetch("status_configs")}
+    per_config = {row.hash: row for row in store.config_progress()}
     configs: list[ConfigStatus] = []
-    for membership in store.fetch("search_configs"):
+    for membership in store.search_members():
         row = per_config.get(membership.config_hash)
         if row is not None:
             configs.append(_config_status(membership.search, membership.name, row, membership.parameter,
@@ -118,13 +110,11 @@ def sweep_status(store: Store, now: float, grace_s: float) -> SweepStatus:
             configs.append(_config_status("baseline inference", f"no_finetune_cf_{row.condition_frames}", row,
                                           "condition_frames", row.condition_frames, False))
 
-    totals = {status: 0 for status in STATUSES}
-    totals.update({row.status: row.n for row in store.fetch("task_totals")})
-    recent = store.fetch("finished_since", {"since": now - THROUGHPUT_WINDOW_S})[0]
-    workers = [_worker_status(row, now, grace_s) for row in store.fetch("live_workers")]
+    counts = store.task_counts()
+    recent = store.finished_since(now - THROUGHPUT_WINDOW_S)
+    workers = [_worker_status(row, now, grace_s) for row in store.live_workers()]
     live = max(1, sum(1 for worker in workers if not worker.stale))
-    blocked = int(store.scalar("blocked_tasks") or 0)
-    remaining = totals["pending"] - blocked + totals["running"]  # a blocked row runs only after a retry
+    remaining = counts.to_run  # a blocked row runs only after a retry
     # Rows per hour over the last hour, or over the sweep's life when it is younger than that.
     window = THROUGHPUT_WINDOW_S
     if recent.n and recent.first_claimed_at is not None:
@@ -133,48 +123,55 @@ def sweep_status(store: Store, now: float, grace_s: float) -> SweepStatus:
     if recent.n and recent.mean_wall_s:
         eta: float | None = remaining * recent.mean_wall_s / live
     elif remaining:
-        eta = float(store.scalar("remaining_estimate") or 0.0) / live if workers else None
+        eta = store.remaining_estimate_s() / live if workers else None
     else:
         eta = 0.0
     return SweepStatus(
-        total=sum(totals.values()), pending=totals["pending"], running=totals["running"], done=totals["done"],
-        diverged=totals["diverged"], failed=totals["failed"], blocked=blocked,
-        gpu_minutes=sum(float(row.wall_s or 0.0) for row in per_config.values()) / 60.0,
+        counts=counts, gpu_minutes=sum(float(row.wall_s or 0.0) for row in per_config.values()) / 60.0,
         throughput_per_hour=throughput, eta_s=eta, reaped=reaped.released + reaped.failed,
-        database={"url": _redact(store.url), "dialect": store.dialect, "journal_mode": store.journal_mode or None,
+        database={"url": redact_url(store.url), "dialect": store.dialect, "journal_mode": store.journal_mode or None,
                   "filesystem": store.filesystem or None, "schema_version": store.schema_version()},
         configs=configs, workers=workers, reap_problem=reap_problem,
         failed_rows=[{"task_id": row.id, "kind": row.kind, "config": row.config_name, "video": row.video,
                       "errors": row.errors, "losses": row.losses, "error": row.error or ""}
-                     for row in store.fetch("failed_rows", {"limit": FAILED_ROWS_SHOWN})] if totals["failed"] else [],
+                     for row in store.failed_rows(FAILED_ROWS_SHOWN)] if counts.failed else [],
     )
 
 
-def _config_status(search: str, name: str, row: Any, parameter: str | None, value: float | None,
+def _config_status(search: str, name: str, row: ConfigProgress, parameter: str | None, value: float | None,
                    is_baseline: bool) -> ConfigStatus:
-    return ConfigStatus(
-        search=search, name=name, hash=row.hash, kind=row.kind, parameter=parameter, value=value,
-        is_baseline=is_baseline, total=row.total, pending=row.pending or 0, running=row.running or 0,
-        done=row.done or 0, diverged=row.diverged or 0, failed=row.failed or 0,
-        psnr=row.psnr, ssim=row.ssim, lpips=row.lpips, gpu_minutes=float(row.wall_s or 0.0) / 60.0,
-    )
+    return ConfigStatus(**asdict(row), search=search, name=name, parameter=parameter, value=value,
+                        is_baseline=is_baseline)
 
 
-def _worker_status(row: Any, now: float, grace_s: float) -> WorkerStatus:
+def _worker_status(row: LiveWorker, now: float, grace_s: float) -> WorkerStatus:
     age = max(0.0, now - row.heartbeat_at)
-    task = f"{row.task_kind} {row.task_video} (#{row.current_task})" if row.current_task else None
-    return WorkerStatus(
-        id=row.id, host=row.host, pid=row.pid, gpu=row.gpu, slurm_job_id=row.slurm_job_id,
-        slurm_array_job_id=row.slurm_array_job_id, slurm_array_task_id=row.slurm_array_task_id,
-        task=task, tasks_done=row.tasks_done, heartbeat_age_s=age, stale=age > grace_s,
-    )
+    return WorkerStatus(**asdict(row), heartbeat_age_s=age, stale=age > grace_s)
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, fit for a terminal or a JSON file."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
-    return url
+class StatusWithSlurm:
+    """`status` with the Slurm-aware reaper and the sweep's jobs; squeue at most every few seconds
+    (for `status --watch`)."""
+
+    def __init__(self, min_interval_s: float = SQUEUE_MIN_INTERVAL_S):
+        self.min_interval_s = min_interval_s
+        self._view: SlurmView | None = None
+        self._asked_at = float("-inf")
+
+    def __call__(self, store: Store, now: float, grace_s: float, heartbeat_interval_s: float) -> SweepStatus:
+        released: list[int] = []
+        if self._view is None or time.monotonic() - self._asked_at >= self.min_interval_s:
+            self._view = observe(store)
+            self._asked_at = time.monotonic()
+            if self._view.gone_workers:
+                report, _ = try_reap(store, now, grace_s, self._view.gone_workers)
+                released = report.released + report.failed
+        status = sweep_status(store, now, grace_s)
+        status.reaped = released + status.reaped
+        if self._view.submissions:
+            status.slurm_jobs = self._view.jobs()
+        if self._view.available:
+            # Two missed beats: late enough to mention, well before the grace reaps the row.
+            status.hung = hung_rows(store, self._view, now, min(2 * heartbeat_interval_s, grace_s))
+        return status
+

@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 from skimage.transform import resize
 
+from hparray.demo.sample_videos import build_sample_set
 from hparray.errors import ConfigError, VideoError
-from hparray.sample_videos import build_sample_set
+from hparray.rounding import largest_remainder
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mov", ".mkv")
 ARRAY_SUFFIXES = (".npy",)
@@ -452,24 +453,7 @@ def _fit(frame: np.ndarray, height: int, width: int) -> np.ndarray:
 def _allocate(sizes: list[int], n: int, rng: np.random.Generator) -> list[int]:
     """Seats per group for n < sum(sizes): largest remainder of the proportional quotas, at
     least one per group while n covers every group; ties go by a seeded random order."""
-    total = sum(sizes)
-    quotas = [n * size / total for size in sizes]
-    tiebreak = rng.permutation(len(sizes))
-    if n < len(sizes):
-        order = sorted(range(len(sizes)), key=lambda i: (-quotas[i], tiebreak[i]))
-        chosen = set(order[:n])
-        return [1 if i in chosen else 0 for i in range(len(sizes))]
-    seats = [min(size, max(1, int(q))) for size, q in zip(sizes, quotas)]
-    while sum(seats) > n:  # the minimum of one seat overshot: take back from the most over quota
-        i = max(
-            (i for i in range(len(sizes)) if seats[i] > 1),
-            key=lambda i: (seats[i] - quotas[i], -tiebreak[i]),
-        )
-        seats[i] -= 1
-    while sum(seats) < n:
-        i = max(
-            (i for i in range(len(sizes)) if seats[i] < sizes[i]),
-            key=lambda i: (quotas[i] - seats[i], -tiebreak[i]),
-        )
-        seats[i] += 1
-    return seats
+    tiebreak = [int(i) for i in rng.permutation(len(sizes))]
+    if n < len(sizes):  # fewer seats than groups: one each for the largest quotas
+        return largest_remainder(sizes, n, low=[0] * len(sizes), high=[1] * len(sizes), order=tiebreak)
+    return largest_remainder(sizes, n, low=[1] * len(sizes), high=sizes, order=tiebreak)

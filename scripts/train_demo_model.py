@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Train the built-in demo model; the same as `python -m hparray.train_demo_model`."""
+"""Train the built-in demo model; the same as `python -m hparray.demo.train`."""
 
 from __future__ import annotations
 
 import sys
 
-from hparray.train_demo_model import main
+from hparray.demo.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from hparray.errors import ConfigError, RunnerError, RunnerSetupError
-from hparray.runner import Clip, Generation, Hyperparams
+from hparray.runners.protocol import Clip, Generation, Hyperparams
 
 PLACEHOLDERS = ("video", "output_dir", "lr", "condition_frames", "finetune_steps", "seed")
 

@@ -32,10 +32,10 @@ def _killer(store_url: str, total: int, stop: threading.Event, kills: list[int],
     points = [int(total * fraction) for fraction in KILL_AT]
     while points and not stop.wait(0.1):
         try:
-            finished = sum(row.n for row in store.fetch("task_totals") if row.status in ("done", "diverged", "failed"))
+            finished = store.task_counts().finished
             if finished < points[0]:
                 continue
-            busy = [row.pid for row in store.fetch("live_workers")
+            busy = [row.pid for row in store.live_workers()
                     if row.host == host and row.current_task is not None and os.path.exists(f"/proc/{row.pid}")]
         except Exception:
             continue
@@ -59,7 +59,7 @@ def test_killed_workers_lose_nothing_and_repeat_nothing(make_project, db_url: st
     planned = project.run("--db", db_url, "plan", "--search", "lr")
     assert planned.returncode == 0, planned.stderr
     store = Store.open(db_url, create=False)
-    total = store.fetch("task_totals")[0].n
+    total = store.task_counts().total
     assert total >= 200
 
     stop, kills = threading.Event(), []

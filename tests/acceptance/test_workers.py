@@ -25,6 +25,7 @@ import pytest
 from sqlalchemy import text
 
 from hparray.store import Store
+from hparray.store.queries import QUERIES
 from hparray.tasks import ClaimedTask, TaskOutcome
 from tests.conftest import REPO, Project
 
@@ -264,7 +265,7 @@ def test_a_killed_worker_row_is_reclaimed_after_the_grace_and_its_late_finish_is
     assert [r.attempt_id for r in result] == [second.id]
 
     # The killed attempt's lease no longer finishes anything: no second result, an event says so.
-    info = store.fetch("claimed_task", {"task_id": held.id})[0]
+    info = rows(store, QUERIES["claimed_task"], task_id=held.id)[0]
     late = ClaimedTask(id=held.id, lease=held.lease, attempt=1, max_attempts=3, kind=info.kind,
                        config_hash=info.config_hash, video=info.video, video_path=info.video_path,
                        category=info.category, caption=info.caption, video_seed=info.video_seed, lr=info.lr,
@@ -509,7 +510,8 @@ def test_after_a_clean_stop_a_second_stop_signal_does_not_kill_the_worker() -> N
     """slurmstepd and the batch script both send TERM: the second must find a handler, not the default."""
     import signal as signals
 
-    from hparray.worker import STOP_SIGNALS, Worker, WorkerIdentity
+    from hparray.environment import WorkerIdentity
+    from hparray.worker.loop import STOP_SIGNALS, Worker
 
     class NoStore:
         def register_worker(self, *args: Any, **kwargs: Any) -> None: ...

@@ -11,10 +11,10 @@ import pytest
 
 from hparray import experiment as experiment_module
 from hparray.config import load_sweep
+from hparray.environment import WorkerIdentity
 from hparray.experiment import Experiment
 from hparray.plan import build_plan, select_videos
 from hparray.store import Store
-from hparray.worker import WorkerIdentity
 from tests.conftest import Project
 
 

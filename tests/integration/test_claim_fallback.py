@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import hparray.store as store_module
+import hparray.store.sqlite as store_module
 from hparray.config import load_sweep
 from hparray.plan import build_plan, select_videos
 from hparray.store import Store
@@ -72,6 +72,6 @@ def test_fallback_hands_every_row_out_exactly_once_under_threads(planned: Projec
         thread.start()
     for thread in threads:
         thread.join()
-    total = store.fetch("task_totals")
-    assert [tuple(row) for row in total] == [("done", len(seen))]
+    counts = store.task_counts()
+    assert (counts.done, counts.total) == (len(seen), len(seen))
     assert len(seen) == len(set(seen)) == 6 * 4 + 6

@@ -19,8 +19,9 @@ import pytest
 from sqlalchemy import inspect, text
 
 from hparray.config import load_sweep
+from hparray.environment import this_host
 from hparray.plan import Plan, build_plan, select_videos
-from hparray.store import Store, migration_files, this_host
+from hparray.store import Store, migration_files
 from hparray.tasks import ClaimedTask, TaskOutcome
 from tests.conftest import Project, subprocess_env
 
@@ -206,7 +207,7 @@ def test_baselines_are_claimed_first_and_a_finetune_row_waits_for_its_baseline(
     while (task := store.claim("w", T0 + 4)) is not None:
         rest.append(task)
     assert len(rest) == 12 and {t.video for t in rest} == set(videos[2:])
-    assert store.scalar("blocked_tasks") == 3
+    assert store.task_counts().blocked == 3
     assert store.waiting_work() == 0
     blocked = rows(store, "SELECT status FROM tasks WHERE kind = 'finetune' AND video = :v", v=videos[1])
     assert [r.status for r in blocked] == ["pending"] * 3
@@ -220,7 +221,7 @@ def test_a_diverged_baseline_blocks_its_finetune_rows_instead_of_leaving_them_wa
     assert store.finish(baseline, TaskOutcome(status="diverged"), T0 + 1)
     assert store.claim(worker, T0 + 2) is None  # the fine-tune row needs a 'done' baseline
     # Neither waiting (nothing will ever make it claimable) nor lost: blocked, so executors stop.
-    assert (store.waiting_work(), store.scalar("blocked_tasks")) == (0, 1)
+    assert (store.waiting_work(), store.task_counts().blocked) == (0, 1)
 
 
 # ---------------------------------------------------------------- leases and fencing
@@ -383,7 +384,7 @@ def test_errors_are_retried_until_max_attempts_then_the_row_fails_with_every_tra
     assert [a.lease for a in attempts] == leases
     assert [(a.number, a.outcome, a.error, a.traceback) for a in attempts] == [
         (n, "error", f"RuntimeError: boom {n}", f"Traceback: frame {n}") for n in (1, 2, 3)]
-    assert store.scalar("blocked_tasks") == 1
+    assert store.task_counts().blocked == 1
 
 
 def test_release_gives_the_attempt_back(store: Store, one_video: Plan, worker: str) -> None:
@@ -512,8 +513,8 @@ def test_a_writer_stopped_inside_a_transaction_bounds_every_other_writer(
         store: Store, one_video: Plan, worker: str, monkeypatch) -> None:
     import threading
 
-    from hparray import store as store_module
     from hparray.errors import StoreError
+    from hparray.store import sqlite as store_module
 
     if store.dialect != "sqlite":
         pytest.skip("the writer lock is SQLite's")
@@ -549,7 +550,7 @@ def test_a_heartbeat_is_not_held_up_behind_the_writer_lock(store: Store, one_vid
     heartbeat: beats skip the queue, SQLite's own lock guards them."""
     import threading
 
-    from hparray.store import WriterLock
+    from hparray.store.sqlite import WriterLock
 
     if store.dialect != "sqlite":
         pytest.skip("the writer lock is SQLite's")

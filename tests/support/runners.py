@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from hparray.runner import Clip, Generation, Hyperparams
+from hparray.runners import Clip, Generation, Hyperparams
 
 
 def _take_ticket(folder: str) -> bool:

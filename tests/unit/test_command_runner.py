@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from hparray.errors import ConfigError, RunnerError
-from hparray.runner import Clip, Hyperparams, runner_class
+from hparray.runners import Clip, Hyperparams, runner_class
 from hparray.runners.command import CommandRunner
 from hparray.videos import VideoRef
 

@@ -11,20 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from hparray.demo_model import TrainConfig, compare, config_from_manifest, train, training_videos
+from hparray.demo.model import TrainConfig, compare, config_from_manifest, train, training_videos
+from hparray.demo.sample_videos import CATEGORIES, VIDEOS_PER_CATEGORY, photo_for, sample_seed
 from hparray.errors import RunnerError
 from hparray.metrics import Scorer
-from hparray.runner import Clip
-from hparray.runners import ltx
-from hparray.runners.ltx import (
-    DEMO_WEIGHTS_DIR,
-    MANIFEST,
-    LTXRunner,
-    build_tiny_pipeline,
-    file_sha256,
-    verify_manifest,
-)
-from hparray.sample_videos import CATEGORIES, VIDEOS_PER_CATEGORY, photo_for, sample_seed
+from hparray.runners import Clip
+from hparray.runners.ltx import DEMO_WEIGHTS_DIR, LTXRunner
+from hparray.runners.ltx import runner as ltx
+from hparray.runners.ltx.model import MANIFEST, build_tiny_pipeline, file_sha256, verify_manifest
 from hparray.videos import list_videos, read_video
 
 torch.set_num_threads(1)

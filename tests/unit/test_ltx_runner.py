@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from hparray.errors import ConfigError, RunnerError
-from hparray.runner import Clip, Generation, Hyperparams, runner_class
-from hparray.runners.ltx import (
-    DEMO_WEIGHTS_DIR,
-    LTXRunner,
-    build_tiny_pipeline,
-    conditioning_plan,
-    generated_frame_count,
-)
+from hparray.runners import Clip, Generation, Hyperparams, runner_class
+from hparray.runners.ltx import DEMO_WEIGHTS_DIR, LTXRunner
+from hparray.runners.ltx.flow import conditioning_plan, generated_frame_count
+from hparray.runners.ltx.model import build_tiny_pipeline
 from hparray.videos import VideoRef
 
 torch.set_num_threads(1)

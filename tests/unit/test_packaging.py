@@ -69,5 +69,5 @@ def test_the_wheel_carries_the_package_data(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(next(tmp_path.glob("hparray-*.whl"))).namelist())
     expected = {f"hparray/sql/{p.relative_to(REPO / 'sql').as_posix()}" for p in (REPO / "sql").rglob("*.sql")}
     expected |= {f"hparray/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
-    expected |= {"hparray/sbatch/worker.sbatch.j2", "hparray/weights/demo-ltx/manifest.json"}
+    expected |= {"hparray/sbatch/worker.sbatch.j2", "hparray/demo/weights/demo-ltx/manifest.json"}
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"

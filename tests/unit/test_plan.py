@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 from hparray.config import load_sweep
 from hparray.plan import build_plan, config_hash
-from hparray.runner import Hyperparams
+from hparray.runners import Hyperparams
 from hparray.videos import VideoRef
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -76,21 +75,27 @@ def test_videos_are_ordered_video_major_for_comparable_partial_results() -> None
 
 
 def test_hash_names_the_built_in_weights(tmp_path: Path, monkeypatch) -> None:
-    """Retrained built-in weights are another experiment: their rows must not reuse old results."""
-    from hparray.runners import ltx
+    """Retrained built-in weights are another experiment: their rows must not reuse old results.
+    The runner names its model (`identity()`); plan.py knows nothing of the built-in model."""
+    from hparray.runners.ltx import model as ltx_model
+    from hparray.runners.protocol import build_runner, runner_identity
 
     settings = load_sweep(REPO_CONFIGS).settings
     hp = Hyperparams(lr=1e-5, condition_frames=22, finetune_steps=20)
-    shipped, params = config_hash("finetune", hp, settings)
-    assert params["builtin_model"] == ltx.builtin_model_id() != "missing"
-    monkeypatch.setattr(ltx, "DEMO_WEIGHTS_DIR", tmp_path / "no-weights")
-    ltx.builtin_model_id.cache_clear()
+    identity = runner_identity(build_runner(settings))
+    assert identity == ltx_model.builtin_model_id() != "missing"
+    shipped, params = config_hash("finetune", hp, settings, identity)
+    assert params["model_identity"] == identity
+    monkeypatch.setattr(ltx_model, "DEMO_WEIGHTS_DIR", tmp_path / "no-weights")
+    ltx_model.builtin_model_id.cache_clear()
     try:
-        other, params = config_hash("finetune", hp, settings)
-        assert params["builtin_model"] == "missing" and other != shipped
+        missing = runner_identity(build_runner(settings))
+        other, _ = config_hash("finetune", hp, settings, missing)
+        assert missing == "missing" and other != shipped
     finally:
         monkeypatch.undo()
-        ltx.builtin_model_id.cache_clear()
+        ltx_model.builtin_model_id.cache_clear()
     # A checkpoint of one's own (model.path) is named by the path, not by the shipped weights.
-    own = replace(settings, model={**settings.model, "path": "/models/ltx"})
-    assert "builtin_model" not in config_hash("finetune", hp, own)[1]
+    own = settings.model_copy(update={"model": settings.model.model_copy(update={"path": "/models/ltx"})})
+    assert runner_identity(build_runner(own)) is None
+    assert "model_identity" not in config_hash("finetune", hp, own, None)[1]

@@ -9,7 +9,6 @@ import shutil
 import stat
 import subprocess
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,16 @@ from hparray import slurm
 from hparray.cli import cli
 from hparray.config import SlurmSettings
 from hparray.errors import BadInput, SlurmError
+from hparray.status import StatusWithSlurm
 from hparray.store import Store
 
 SETTINGS = SlurmSettings(job_name="sweep", partition=None, account=None, qos=None, time="01:00:00", gpus_per_task=1,
                          cpus_per_task=4, mem_gb=16, constraint=None, extra_directives=(), setup=(), workers=8,
                          throttle=4, signal_grace_s=120, log_dir="logs/slurm")
+def replace(settings: SlurmSettings, **changes: object) -> SlurmSettings:
+    return settings.model_copy(update=changes)
+
+
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "worker.sbatch"
 COMMAND = ["/venv/bin/python", "-m", "hparray", "--config-dir", "/p/configs", "--db", "sqlite:////p/results.db",
            "worker"]
@@ -259,8 +263,8 @@ def test_rows_of_tasks_squeue_no_longer_lists_come_back_at_once(planned: Store, 
         "echo '41_2|44|41|2|PENDING|BeginTime|N/A'\n")})
     result = slurm.reap(planned, now + 1, grace_s=300)
     assert sorted(result.report.released) == sorted([gone, requeued])
-    assert planned.scalar("task_status", {"task_id": running}) == "running"
-    assert planned.scalar("task_status", {"task_id": gone}) == "pending"
+    assert planned.task_status(running) == "running"
+    assert planned.task_status(gone) == "pending"
 
 
 def test_an_earlier_run_of_a_requeued_task_is_gone(planned: Store, tmp_path: Path,
@@ -279,9 +283,9 @@ def test_late_heartbeat_while_slurm_runs_the_task_is_hung_not_reaped(planned: St
     planned.record_submission("41", 1, 1, "sbatch --parsable x", "#!/bin/bash", now - 100)
     task = _claim_in_slurm(planned, "41", 0, now - 100)
     _path_with(tmp_path, monkeypatch, {"squeue": "echo '41_0|42|41|0|RUNNING|None|N/A'\n"})
-    status = slurm.StatusWithSlurm()(planned, now, grace_s=300, heartbeat_interval_s=30)
+    status = StatusWithSlurm()(planned, now, grace_s=300, heartbeat_interval_s=30)
     assert [row["task_id"] for row in status.hung] == [task]
-    assert status.running == 1 and status.reaped == []
+    assert status.counts.running == 1 and status.reaped == []
     assert status.slurm_jobs[0]["job_id"] == "41" and status.slurm_jobs[0]["summary"] == "1 running"
 
 
@@ -294,7 +298,7 @@ def test_without_squeue_only_the_grace_reaps(planned: Store, tmp_path: Path, mon
     assert slurm.reap(planned, now + 1, grace_s=300).report.released == []  # this host's first look at it
     assert slurm.reap(planned, now + 302, grace_s=300).report.released == [task]  # still: a grace on its clock
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
-    status = slurm.StatusWithSlurm()(planned, now, grace_s=300, heartbeat_interval_s=30)
+    status = StatusWithSlurm()(planned, now, grace_s=300, heartbeat_interval_s=30)
     assert status.slurm_jobs[0]["summary"].startswith("unknown (squeue not found")
 
 
@@ -315,4 +319,4 @@ def test_workers_not_submitted_by_hparray_are_left_to_the_grace(planned: Store, 
     task = _claim_in_slurm(planned, "77", 0, now)  # sbatch'ed by hand, or on another cluster
     _path_with(tmp_path, monkeypatch, {"squeue": "exit 0\n"})
     assert slurm.reap(planned, now, grace_s=300).report.released == []
-    assert planned.scalar("task_status", {"task_id": task}) == "running"
+    assert planned.task_status(task) == "running"

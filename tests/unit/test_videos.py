@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hparray.demo.sample_videos import CATEGORIES, build_sample_set, generate_video
 from hparray.errors import ConfigError, VideoError
-from hparray.sample_videos import CATEGORIES, build_sample_set, generate_video
 from hparray.videos import (
     VideoRef,
     _publish,

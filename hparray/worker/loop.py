@@ -1,4 +1,4 @@
-"""The worker: claim -> run -> record -> claim, until nothing is left it could run.
+"""The worker loop: claim -> run -> record -> claim, until nothing is left it could run.
 
 It never writes SQL (the store does) and never computes metrics (the experiment does). It
 heartbeats from a thread whose errors never reach the task, and on SIGTERM, SIGINT or Slurm's
@@ -8,20 +8,18 @@ warning (SIGUSR1) it puts its row back without spending an attempt.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
-import socket
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from hparray.environment import WorkerIdentity
 from hparray.store import ReapReport, Store
 from hparray.tasks import ClaimedTask, TaskOutcome
 
@@ -51,33 +49,6 @@ def error_signature(err: BaseException) -> str:
     message = str(err).splitlines()[0] if str(err) else ""
     message = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", message)
     return f"{type(err).__name__}: {re.sub(r'[0-9]+', '#', message)[:120]}"
-
-
-@dataclass(frozen=True)
-class WorkerIdentity:
-    """Who a worker is, for `status`: host, pid, GPU and the Slurm ids when under Slurm."""
-
-    id: str
-    host: str
-    pid: int
-    gpu: str | None
-    slurm: dict[str, str | None]
-
-    @classmethod
-    def from_environment(cls, worker_id: str | None = None) -> WorkerIdentity:
-        env = os.environ
-        host = socket.gethostname().split(".")[0]
-        slurm = {"job_id": env.get("SLURM_JOB_ID"), "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
-                 "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
-                 "restart_count": env.get("SLURM_RESTART_COUNT")}
-        if slurm["array_job_id"]:
-            tag = f"{slurm['array_job_id']}_{slurm['array_task_id']}"
-        elif slurm["job_id"]:
-            tag = slurm["job_id"]
-        else:
-            tag = "local"
-        return cls(id=worker_id or f"{host}-{tag}-{os.getpid()}-{uuid.uuid4().hex[:6]}", host=host, pid=os.getpid(),
-                   gpu=env.get("CUDA_VISIBLE_DEVICES"), slurm=slurm)
 
 
 @dataclass

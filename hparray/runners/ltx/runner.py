@@ -8,37 +8,31 @@ gives bit-identical output whatever ran before.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import itertools
-import json
 import logging
 import math
 import resource
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hparray.errors import ConfigError, RunnerError, RunnerSetupError
-from hparray.runner import Clip, Generation, Hyperparams
+from hparray.runners.protocol import Clip, Generation, Hyperparams
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import LTXConditionPipeline
 
-TINY_SEED = 0
-"""Seed of the built-in tiny model's random initialisation: the same weights on every node."""
-
-TINY_LATENT_CHANNELS = 32
-
-DEMO_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo-ltx"
-"""The trained built-in model shipped inside the package (see hparray.demo_model)."""
-
-MANIFEST = "manifest.json"
+from hparray.runners.ltx.flow import (
+    conditioning_plan,
+    empty_prompt,
+    encode_latents,
+    flow_matching_loss,
+    generated_frame_count,
+    layout_tokens,
+    sampler_sigmas,
+)
+from hparray.runners.ltx.model import DEMO_WEIGHTS_DIR, MANIFEST, build_tiny_pipeline, builtin_model_id, load_pipeline
 
 _FINETUNE_SEED_OFFSET = 1
 """Keeps the fine-tuning noise stream distinct from the sampling noise of the same seed."""
@@ -50,325 +44,6 @@ _LORA_ADAPTER = "hparray"
 _LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
-
-
-def tiny_modules() -> tuple[Any, Any]:
-    """The built-in model's transformer and VAE, randomly initialised from the global RNG.
-
-    Sized so that a CPU trains it in minutes on 64x64 videos (`hparray.demo_model`), a sweep
-    task takes seconds and the weights stay under 5 MB: the VAE compresses 8x in space and 4x
-    in time (49 frames of 64x64 become 13 latent frames of 8x8x32), the transformer is 96
-    wide with two layers. Its blocks' RMSNorm epsilon is 1e-12, so that storing the writers of
-    the residual stream smaller (`hparray.demo_model.reparametrize`) changes almost nothing; the
-    fixed epsilons of the query/key norms (1e-5) and the output LayerNorm (1e-6) remain.
-    """
-    from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
-
-    transformer = LTXVideoTransformer3DModel(
-        in_channels=TINY_LATENT_CHANNELS,
-        out_channels=TINY_LATENT_CHANNELS,
-        patch_size=1,
-        patch_size_t=1,
-        num_attention_heads=4,
-        attention_head_dim=24,
-        cross_attention_dim=96,
-        num_layers=2,
-        caption_channels=32,
-        norm_eps=1e-12,
-    )
-    scaling = (True, True)
-    vae = AutoencoderKLLTXVideo(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=TINY_LATENT_CHANNELS,
-        block_out_channels=(16, 32),
-        decoder_block_out_channels=(16, 24),
-        layers_per_block=(1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1),
-        spatio_temporal_scaling=scaling,
-        decoder_spatio_temporal_scaling=scaling,
-        decoder_inject_noise=(False,) * 3,
-        upsample_residual=(False,) * 2,
-        upsample_factor=(1,) * 2,
-        timestep_conditioning=False,
-        patch_size=2,
-        patch_size_t=1,
-        encoder_causal=True,
-        decoder_causal=False,
-    )
-    return transformer, vae
-
-
-def load_pipeline(path: Path, dtype: torch.dtype | None = None) -> LTXConditionPipeline:
-    """A diffusers-layout LTX-Video checkpoint, without text encoder, ready for bit-exact CPU runs.
-
-    safetensors hands back views into the file at whatever alignment the header leaves, and
-    CPU kernels round differently on unaligned data (2e-7 here); giving every tensor its own
-    storage makes a loaded model compute exactly what the same weights built in memory do.
-    """
-    import torch
-    from diffusers import LTXConditionPipeline
-    from diffusers.utils import logging as diffusers_logging
-
-    # A per-component loading bar in every worker log says nothing: hide it, then restore.
-    bar = diffusers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
-    try:
-        pipe = LTXConditionPipeline.from_pretrained(
-            str(path), text_encoder=None, tokenizer=None, dtype=dtype or torch.float32
-        )
-    finally:
-        if bar:
-            diffusers_logging.enable_progress_bar()
-    for module in (pipe.transformer, pipe.vae):
-        for tensor in itertools.chain(module.parameters(), module.buffers()):
-            tensor.data = tensor.data.clone()
-    return _ready(pipe)
-
-
-def build_tiny_pipeline(weights_dir: Path | None, seed: int = TINY_SEED) -> LTXConditionPipeline:
-    """The built-in tiny LTX pipeline: trained weights from `weights_dir`, else seeded random ones.
-
-    A `weights_dir` holding a manifest.json is checked against it before loading. Random
-    initialisation happens under a forked RNG seeded with `seed`, so the weights are
-    bit-identical on every call and the caller's global RNG is left untouched.
-    """
-    import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, LTXConditionPipeline
-
-    if weights_dir is not None:
-        if (weights_dir / MANIFEST).is_file():
-            verify_manifest(weights_dir)
-        return load_pipeline(weights_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer, vae = tiny_modules()
-    return _ready(
-        LTXConditionPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(),
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            transformer=transformer,
-        )
-    )
-
-
-@functools.cache
-def builtin_model_id() -> str:
-    """Which model `model.path: null` means in this checkout: a digest of the shipped weights'
-    sha256s, or "missing" (the runner then refuses to load). Config hashes include it, so
-    retrained weights never reuse results of the old ones."""
-    try:
-        files = json.loads((DEMO_WEIGHTS_DIR / MANIFEST).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "missing"
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def checkpoint_files(weights_dir: Path) -> list[str]:
-    """Every file of a checkpoint folder except the manifest, as sorted POSIX relative paths."""
-    return sorted(
-        path.relative_to(weights_dir).as_posix()
-        for path in weights_dir.rglob("*")
-        if path.is_file() and path.name != MANIFEST
-    )
-
-
-def verify_manifest(weights_dir: Path) -> dict[str, Any]:
-    """Check every file of `weights_dir` against the sha256s in its manifest.json.
-
-    A swapped or corrupted weights file would silently change every score of every sweep,
-    so any difference (changed, missing or unlisted file) refuses the whole folder.
-    """
-    retrain = (
-        "reinstall hparray, or retrain the weights with `python -m hparray.train_demo_model "
-        f"--out {weights_dir}`"
-    )
-    try:
-        manifest = json.loads((weights_dir / MANIFEST).read_text(encoding="utf-8"))
-        expected = dict(manifest["files"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RunnerError(
-            f"model weights in {weights_dir}: cannot read the sha256s in {MANIFEST} ({exc}): "
-            f"{retrain}"
-        ) from exc
-    problems: list[str] = []
-    for rel, sha in sorted(expected.items()):
-        path = weights_dir / rel
-        if not path.is_file():
-            problems.append(f"{rel} is missing")
-        elif (actual := file_sha256(path)) != sha:
-            problems.append(f"{rel} has sha256 {actual[:12]}..., the manifest says {str(sha)[:12]}...")
-    problems += [f"{rel} is not in the manifest" for rel in checkpoint_files(weights_dir)
-                 if rel not in expected]
-    if problems:
-        raise RunnerError(
-            f"model weights in {weights_dir} do not match their {MANIFEST}: "
-            f"{'; '.join(problems)}; {retrain}"
-        )
-    return manifest
-
-
-def _ready(pipe: LTXConditionPipeline) -> LTXConditionPipeline:
-    # Framewise VAE tiling changes results and buys nothing at these sizes.
-    pipe.vae.use_framewise_encoding = False
-    pipe.vae.use_framewise_decoding = False
-    # Eval mode, as from_pretrained returns them: a freshly built module is in train mode.
-    pipe.vae.eval()
-    pipe.transformer.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@dataclass(frozen=True)
-class ConditioningPlan:
-    """How c conditioning frames map onto LTX conditions.
-
-    The VAE encodes videos of s*m+1 frames only, so the first `prefix` frames go in as one
-    video condition and the `leftover` frames after it as single-image conditions at their
-    own frame index; together they are exactly the first c frames.
-    """
-
-    prefix: int
-    leftover: tuple[int, ...]
-
-
-def conditioning_plan(condition_frames: int, temporal_ratio: int) -> ConditioningPlan:
-    """Split the first `condition_frames` frames into a hard video prefix and single frames."""
-    prefix = (condition_frames - 1) // temporal_ratio * temporal_ratio + 1
-    return ConditioningPlan(prefix=prefix, leftover=tuple(range(prefix, condition_frames)))
-
-
-def generated_frame_count(num_frames: int, temporal_ratio: int) -> int:
-    """Smallest s*m+1 >= num_frames: the pipeline silently shortens any other count."""
-    return math.ceil((num_frames - 1) / temporal_ratio) * temporal_ratio + 1
-
-
-def empty_prompt(transformer: Any, device: str, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-zero prompt embeddings with a full mask: the model runs with no text encoder."""
-    import torch
-
-    channels = transformer.config.caption_channels
-    embeds = torch.zeros(batch, _PROMPT_TOKENS, channels, device=device, dtype=transformer.dtype)
-    mask = torch.ones(batch, _PROMPT_TOKENS, device=device, dtype=torch.long)
-    return embeds, mask
-
-
-def sampler_sigmas(pipe: Any, steps: int) -> torch.Tensor:
-    """The noise levels (> 0) the pipeline's sampler visits with `steps` steps."""
-    from diffusers.pipelines.ltx.pipeline_ltx_condition import (
-        linear_quadratic_schedule,
-        retrieve_timesteps,
-    )
-
-    retrieve_timesteps(
-        pipe.scheduler, steps, "cpu", np.asarray(linear_quadratic_schedule(steps)) * 1000
-    )
-    sigmas = pipe.scheduler.sigmas.float().cpu()
-    return sigmas[sigmas > 0]
-
-
-def encode_latents(pipe: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Normalised latents of (B, 3, T, H, W) pixels in [-1, 1], exactly as the pipeline encodes
-    its conditions (a draw from the VAE posterior)."""
-    from diffusers.pipelines.ltx.pipeline_ltx_condition import retrieve_latents
-
-    vae = pipe.vae
-    latents = retrieve_latents(vae.encode(pixels.to(vae.device, vae.dtype)), generator)
-    return pipe._normalize_latents(latents, vae.latents_mean, vae.latents_std).float()
-
-
-def token_coords(
-    pipe: Any, batch: int, latent_frames: int, latent_h: int, latent_w: int, frame_index: int
-) -> torch.Tensor:
-    """Pixel-space (t, y, x) coordinates of latent tokens, as the pipeline computes them."""
-    device = pipe.transformer.device
-    ids = pipe._prepare_video_ids(
-        batch,
-        latent_frames,
-        latent_h,
-        latent_w,
-        patch_size=pipe.transformer_spatial_patch_size,
-        patch_size_t=pipe.transformer_temporal_patch_size,
-        device=device,
-    )
-    return pipe._scale_video_ids(
-        ids,
-        scale_factor=pipe.vae_spatial_compression_ratio,
-        scale_factor_t=pipe.vae_temporal_compression_ratio,
-        frame_index=frame_index,
-        device=device,
-    )
-
-
-def layout_tokens(
-    pipe: Any,
-    video: torch.Tensor,
-    images: Sequence[tuple[int, torch.Tensor]],
-    frame_rate: int,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Latents laid out as the pipeline lays out its conditions and the video it generates.
-
-    `video` is (B, C, F, h, w) latents from frame 0; `images` are single-frame conditions
-    (frame index, (B, C, 1, h, w) latents). Single-frame tokens come first, then the video,
-    frame-major. Returns (tokens (B, S, C), coordinates (B, 3, S) already divided by the frame
-    rate, number of single-frame tokens).
-    """
-    import torch
-
-    batch, _, frames, latent_h, latent_w = video.shape
-    p, pt = pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size
-    tokens, coords = [], []
-    for index, latents in images:
-        tokens.append(pipe._pack_latents(latents, p, pt))
-        coords.append(token_coords(pipe, batch, 1, latent_h, latent_w, index))
-    tokens.append(pipe._pack_latents(video, p, pt))
-    coords.append(token_coords(pipe, batch, frames, latent_h, latent_w, 0))
-    video_coords = torch.cat(coords, dim=2).float()
-    video_coords[:, 0] = video_coords[:, 0] / frame_rate
-    image_tokens = sum(t.shape[1] for t in tokens[:-1])
-    return torch.cat(tokens, dim=1), video_coords, image_tokens
-
-
-def flow_matching_loss(
-    transformer: Any,
-    clean: torch.Tensor,
-    noise: torch.Tensor,
-    sigma: torch.Tensor,
-    is_clean: torch.Tensor,
-    coords: torch.Tensor,
-) -> torch.Tensor:
-    """The rectified-flow loss the pipeline's Euler sampler integrates, on the noisy tokens only.
-
-    clean/noise (B, S, C), sigma (B,), is_clean (B, S): clean tokens stay as they are at
-    timestep 0 (as the pipeline keeps its conditions); the others become
-    x_t = (1 - sigma) x0 + sigma noise at timestep sigma*1000, and the target is noise - x0.
-    """
-    import torch
-
-    sigma = sigma.to(clean.device).view(-1, 1, 1)
-    noisy = torch.where(is_clean[..., None], clean, (1 - sigma) * clean + sigma * noise)
-    timestep = torch.where(is_clean, 0.0, sigma[..., 0] * 1000.0)
-    embeds, mask = empty_prompt(transformer, clean.device, clean.shape[0])
-    pred = transformer(
-        hidden_states=noisy.to(transformer.dtype),
-        encoder_hidden_states=embeds,
-        timestep=timestep,
-        encoder_attention_mask=mask,
-        video_coords=coords,
-        return_dict=False,
-    )[0].float()
-    return ((pred - (noise - clean)) ** 2)[~is_clean].mean()
 
 
 def _peak_rss_mb() -> float:
@@ -404,6 +79,30 @@ class LTXRunner:
         self.pipe: Any = None
         self._snapshot: dict[str, torch.Tensor] = {}
         self._unreported_load_s = 0.0
+
+    # ----------------------------------------------------------------- what it runs
+
+    @classmethod
+    def geometry_problem(cls, height: int, width: int) -> tuple[str, str, str] | None:
+        """LTX-Video's pipeline takes frame sizes in multiples of 32 only."""
+        for key, size in (("data.height", height), ("data.width", width)):
+            if size % 32:
+                return key, f"must be a positive multiple of 32, got {size}", \
+                    f"LTX-Video needs {key.split('.')[1]}s that are multiples of 32"
+        return None
+
+    def identity(self) -> str | None:
+        """The built-in weights' digest (retrained weights never reuse old results); a checkpoint
+        of one's own is named by model.path, which every config hash holds already."""
+        return builtin_model_id() if self.model_path is None else None
+
+    def describe(self) -> str:
+        if self.model_path is not None:
+            return f"runner ltx, model.path {self.model_path}"
+        ident = builtin_model_id()
+        if ident == "missing":
+            return "runner ltx, built-in tiny model: WEIGHTS MISSING (reinstall hparray; workers will refuse to start)"
+        return f"runner ltx, built-in tiny model trained on procedural videos (weights {ident})"
 
     # ----------------------------------------------------------------- loading
 
@@ -456,7 +155,7 @@ class LTXRunner:
                     raise RunnerError(
                         f"the built-in model's weights are missing from {DEMO_WEIGHTS_DIR}: "
                         "reinstall hparray, or retrain them with "
-                        "`python -m hparray.train_demo_model`"
+                        "`python -m hparray.demo.train`"
                     )
                 pipe = build_tiny_pipeline(DEMO_WEIGHTS_DIR)  # checked against its manifest
             elif not self.model_path.is_dir():

@@ -37,34 +37,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hparray.runners.ltx import (
-    MANIFEST,
-    build_tiny_pipeline,
-    checkpoint_files,
+from hparray.demo.data import TRAIN_PHOTO_INDICES, TrainingVideo, render, training_videos
+from hparray.demo.sample_videos import CATEGORIES
+from hparray.runners.ltx.flow import (
     conditioning_plan,
     encode_latents,
-    file_sha256,
     flow_matching_loss,
     layout_tokens,
     sampler_sigmas,
 )
-from hparray.sample_videos import (
-    CATEGORIES,
-    PHOTOS,
-    VIDEOS_PER_CATEGORY,
-    generate_video,
-    photo_for,
-)
-from hparray.videos import _fit, _to_rgb01
+from hparray.runners.ltx.model import MANIFEST, build_tiny_pipeline, checkpoint_files, file_sha256
 
 if TYPE_CHECKING:
     import torch
 
-TRAIN_SEED_BASE = 1000
-"""Training videos use seeds from here on; the sample set uses 0..27."""
-
-TRAIN_PHOTO_INDICES = tuple(range(VIDEOS_PER_CATEGORY, len(PHOTOS)))
-"""Photo indices per category that the sample set's videos of that category do not show."""
 
 _VERSIONED = ("torch", "diffusers", "numpy", "scikit-image", "safetensors")
 
@@ -92,38 +78,6 @@ class TrainConfig:
     frame_rate: int = 25
     threads: int = 1
 
-
-@dataclass(frozen=True)
-class TrainingVideo:
-    """Where one training video comes from: the sample set's generator with other seeds."""
-
-    category: str
-    index: int
-    seed: int
-
-    @property
-    def photo(self) -> str:
-        return photo_for(self.category, self.index)
-
-
-def training_videos(count: int) -> list[TrainingVideo]:
-    """`count` videos cycling over the categories, on seeds TRAIN_SEED_BASE.. and on photos
-    the sample set does not show in the same category."""
-    return [
-        TrainingVideo(
-            category=CATEGORIES[k % len(CATEGORIES)],
-            index=TRAIN_PHOTO_INDICES[(k // len(CATEGORIES)) % len(TRAIN_PHOTO_INDICES)],
-            seed=TRAIN_SEED_BASE + k,
-        )
-        for k in range(count)
-    ]
-
-
-def render(video: TrainingVideo, num_frames: int, size: int) -> np.ndarray:
-    """(T, size, size, 3) float32 frames, exactly as `read_video` would read the same video
-    from the sample set (rendered at the set's 128 pixels, resized and cropped)."""
-    frames = generate_video(video.category, video.index, video.seed)[:num_frames]
-    return np.stack([_fit(_to_rgb01(frame, video.photo), size, size) for frame in frames])
 
 
 class Progress:
@@ -533,5 +487,5 @@ def compare(manifest: dict[str, Any], reference: dict[str, Any]) -> list[str]:
 
 def default_command(argv: list[str]) -> str:
     """The command line as a user would retype it."""
-    return shlex.join([Path(sys.executable).name, "-m", "hparray.train_demo_model", *argv])
+    return shlex.join([Path(sys.executable).name, "-m", "hparray.demo.train", *argv])
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import time
@@ -11,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from hparray.config import Settings
+from hparray.environment import WorkerIdentity, job_deadline
 from hparray.errors import WorkerStopped
 from hparray.experiment import Experiment
 from hparray.store import Store
 from hparray.tasks import ClaimedTask
-from hparray.worker import CircuitOpen, ConfigMismatch, Interrupted, Worker, WorkerIdentity, WorkerSummary
+from hparray.worker.loop import CircuitOpen, ConfigMismatch, Interrupted, Worker, WorkerSummary
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +34,12 @@ class TaskClock:
     def expected(self, task: ClaimedTask) -> float:
         uses, value = self._cache.get(task.kind, (self.refresh_every, None))
         if uses >= self.refresh_every:
-            durations = sorted(row.wall_s for row in self.store.fetch("durations_by_kind", {"kind": task.kind}))
+            durations = sorted(self.store.durations(task.kind))
             value = durations[min(len(durations) - 1, int(DURATION_PERCENTILE * len(durations)))] \
                 if len(durations) >= 3 else None
             uses = 0
         self._cache[task.kind] = (uses + 1, value)
         return value if value is not None else task.estimate_s
-
-
-def job_deadline() -> float | None:
-    """When the Slurm job running this process ends (unix time), or None outside Slurm."""
-    end = os.environ.get("SLURM_JOB_END_TIME")
-    if end and end.isdigit():
-        return float(end)
-    return None
 
 
 def artifact_dirs(store: Store, settings: Settings, task: ClaimedTask) -> list[Path]:
@@ -56,7 +48,7 @@ def artifact_dirs(store: Store, settings: Settings, task: ClaimedTask) -> list[P
     root = settings.output_path()
     if task.kind == "baseline":
         return [root / "baseline_inference" / f"cf_{task.condition_frames}" / task.video]
-    names = store.fetch("config_names", {"config_hash": task.config_hash})
+    names = store.config_names(task.config_hash)
     return [root / f"{row.search}_search" / row.name / task.video for row in names]
 
 
@@ -69,7 +61,7 @@ def reaper(settings: Settings, store: Store) -> dict[str, Any]:
     """The worker's reaper: Slurm-aware (one squeue per pass) when this sweep was submitted to Slurm
     and squeue answers here, else the heartbeat reaper alone."""
     grace_s = settings.tasks.heartbeat_grace_s
-    if not (shutil.which("squeue") and store.fetch("slurm_submissions")):
+    if not (shutil.which("squeue") and store.submissions()):
         return {}
     from hparray import slurm
 

@@ -17,181 +17,38 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
 from sqlalchemy.engine import make_url
 
-from hparray.config import Settings, SlurmSettings
-from hparray.errors import BadInput, SlurmError
-from hparray.status import SweepStatus, sweep_status, try_reap
+from hparray.config import Settings, slurm_seconds
+from hparray.errors import SlurmError
+from hparray.rounding import largest_remainder
+from hparray.slurm.client import (
+    DEFAULT_MAX_ARRAY_SIZE,
+    SlurmTask,
+    SlurmUnavailable,
+    last_line,
+    max_array_size,
+    parse_sbatch,
+    partition_nodes,
+    query_jobs,
+    run_command,
+)
+from hparray.slurm.script import Overrides, SlurmOptionError, log_dir_of, render_script
 from hparray.store import ReapReport, Store
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = "worker.sbatch.j2"
-# Slurm's default; read from `scontrol show config` where Slurm answers.
-DEFAULT_MAX_ARRAY_SIZE = 1001
-SQUEUE_FORMAT = "%i|%A|%F|%K|%T|%r|%S"
-# States in which the task's processes exist. A requeued task is PENDING: its old worker is gone.
-ALIVE_STATES = frozenset({"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING",
-                          "STAGE_OUT", "RESIZING"})
-QUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"})
 # A worker that registered this long before its task's current start belongs to an earlier run of
 # a requeued task. Requeued tasks restart minutes later; the margin absorbs clock skew.
 RESTART_MARGIN_S = 60.0
 # squeue's man page asks not to poll it in loops: `status --watch` asks at most this often.
 SQUEUE_MIN_INTERVAL_S = 10.0
-COMMAND_TIMEOUT_S = 120.0
-# Slurm's time syntax: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit.
-TIME_PATTERN = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d{2}))?(?::(\d{2}))?|UNLIMITED|INFINITE")
-
-
-def slurm_seconds(value: str) -> float:
-    """A Slurm time limit in seconds (inf for UNLIMITED); ValueError when it is not one."""
-    match = TIME_PATTERN.fullmatch(value.strip())
-    if match is None:
-        raise ValueError(f"{value!r} is not a Slurm time")
-    if match.group(2) is None:
-        return float("inf")
-    days, first, second, third = match.groups()
-    a, b, c = int(first), int(second or 0), int(third or 0)
-    if days is not None:  # D-HH[:MM[:SS]]
-        return int(days) * 86400 + a * 3600 + b * 60 + c
-    if third is not None:  # HH:MM:SS
-        return a * 3600 + b * 60 + c
-    return a * 60 + b  # MM[:SS]
-
-
-class SlurmOptionError(BadInput):
-    """A Slurm option given on the command line or in base.yaml cannot be used."""
-
-
-class SlurmUnavailable(SlurmError):
-    """A Slurm command is missing or Slurm does not answer."""
-
-
-# ---------------------------------------------------------------- rendering
-
-
-@dataclass(frozen=True)
-class Overrides:
-    """Command-line changes to base.yaml's `slurm:` section, for one submission."""
-
-    partition: str | None = None
-    time: str | None = None
-    gpus: int | None = None
-    sbatch_args: tuple[str, ...] = ()
-
-
-def normalise_directive(arg: str, where: str) -> str:
-    """`--mail-type=END`, `mail-type=END` or `#SBATCH --mail-type=END` -> `--mail-type=END`."""
-    text = arg.strip()
-    if text.startswith("#SBATCH"):
-        text = text[len("#SBATCH"):].strip()
-    if not text or "\n" in text:
-        raise SlurmOptionError(f"{where} {arg!r} is not one sbatch option: write it like --mail-type=END")
-    if not text.startswith("-"):
-        text = "--" + text
-    name = text.split("=", 1)[0].split()[0]
-    if name in ("--array", "-a"):
-        raise SlurmOptionError(f"{where} {arg!r}: hparray sets --array itself: use --workers and --throttle")
-    return text
-
-
-def _path_value(path: Path, where: str, pattern: bool = False) -> str:
-    """A path inside a double-quoted #SBATCH value: sbatch reads `\"` as a quote inside it; a
-    backslash escapes anything, so a path holding one cannot be written; in --output/--error a `%`
-    starts a filename pattern, so it is doubled."""
-    text = str(path)
-    if "\\" in text or "\n" in text:
-        raise SlurmOptionError(f"{where} {text!r} holds a backslash or a newline, which sbatch cannot read in a "
-                               "directive: move the project to a path without them")
-    text = text.replace('"', '\\"')
-    return text.replace("%", "%%") if pattern else text
-
-
-def _plain(value: str | None, where: str) -> str | None:
-    """A directive value: sbatch reads `#SBATCH` lines word by word, so no whitespace."""
-    if value is not None and (not value.strip() or re.search(r"\s", value)):
-        raise SlurmOptionError(f"{where} {value!r} contains whitespace: sbatch directives cannot hold it; "
-                               "choose a value without spaces")
-    return value
-
-
-def render_script(settings: SlurmSettings, *, array_size: int, throttle: int, worker_command: list[str],
-                  workdir: Path, overrides: Overrides = Overrides()) -> str:
-    """The batch script of one worker array: sbatch/worker.sbatch.j2 filled in (pure: no I/O but the template).
-
-    A relative `slurm.log_dir` is relative to `workdir`, the folder the workers run in.
-    """
-    if array_size < 1 or throttle < 1:
-        raise SlurmOptionError(f"array of {array_size} workers, {throttle} at once: both must be at least 1")
-    time_limit = overrides.time or settings.time
-    if not TIME_PATTERN.fullmatch(time_limit):
-        raise SlurmOptionError(f"--time {time_limit!r} is not a Slurm time: write MM, HH:MM:SS or D-HH:MM:SS")
-    gpus = settings.gpus_per_task if overrides.gpus is None else overrides.gpus
-    if gpus < 0:
-        raise SlurmOptionError(f"--gpus {gpus}: use 0 (no GPU) or more")
-    log_dir = Path(settings.log_dir)
-    log_dir = log_dir if log_dir.is_absolute() else Path(workdir) / log_dir
-    extra = [normalise_directive(arg, "slurm.extra_directives") for arg in settings.extra_directives]
-    extra += [normalise_directive(arg, "--sbatch-arg") for arg in overrides.sbatch_args]
-    context = {
-        "job_name": _plain(settings.job_name, "slurm.job_name"),
-        "partition": _plain(overrides.partition or settings.partition, "--partition"),
-        "account": _plain(settings.account, "slurm.account"),
-        "qos": _plain(settings.qos, "slurm.qos"),
-        "time": time_limit,
-        "gpus": gpus,
-        "cpus_per_task": settings.cpus_per_task,
-        "mem_gb": settings.mem_gb,
-        "constraint": _plain(settings.constraint, "slurm.constraint"),
-        "workdir": _path_value(Path(workdir), "the project folder"),
-        "array_size": array_size,
-        "throttle": min(throttle, array_size),
-        "signal_grace_s": settings.signal_grace_s,
-        "log_dir": _path_value(log_dir, "slurm.log_dir", pattern=True),
-        "extra_directives": extra,
-        "setup": list(settings.setup),
-        "worker_command": shlex.join(worker_command),
-    }
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("hparray.sbatch", "."),
-                                     undefined=jinja2.StrictUndefined,
-                                     trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                                     autoescape=False)
-    return environment.get_template(TEMPLATE).render(**context)
-
-
-def log_dir_of(settings: Settings) -> Path:
-    """Where the array tasks' logs go: slurm.log_dir, relative to the project folder."""
-    path = Path(settings.slurm.log_dir)
-    return path if path.is_absolute() else settings.config_dir.parent / path
-
-
-# ---------------------------------------------------------------- parsing Slurm's answers
-
-
-def parse_sbatch(output: str) -> str:
-    """The job id from `sbatch --parsable`: `123` or `123;cluster`."""
-    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
-    match = re.fullmatch(r"(\d+)(;\S+)?", lines[-1]) if lines else None
-    if match is None:
-        raise SlurmError(f"sbatch printed {output.strip()!r} instead of a job id: submit by hand to see why")
-    return match.group(1)
-
-
-def parse_max_array_size(config_text: str) -> int:
-    """MaxArraySize from `scontrol show config`, or Slurm's default when it is not there."""
-    match = re.search(r"^\s*MaxArraySize\s*=\s*(\d+)", config_text, re.M)
-    return int(match.group(1)) if match else DEFAULT_MAX_ARRAY_SIZE
 
 
 def split_arrays(workers: int, throttle: int, max_array_size: int) -> list[tuple[int, int]]:
@@ -210,105 +67,8 @@ def split_arrays(workers: int, throttle: int, max_array_size: int) -> list[tuple
     if workers % max_array_size:
         sizes.append(workers % max_array_size)
     total = min(max(1, throttle), workers)
-    shares = [total * size / workers for size in sizes]
-    throttles = [max(1, int(share)) for share in shares]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
-    for i in by_remainder:
-        if sum(throttles) >= total:
-            break
-        throttles[i] += 1
-    return [(size, min(size, k)) for size, k in zip(sizes, throttles)]
-
-
-@dataclass(frozen=True)
-class SlurmTask:
-    """One line of `squeue -r`: an array task (or a plain job) and its state."""
-
-    key: str                     # %i: 123_4 for array tasks, 123 for plain jobs
-    job_id: str                  # %A: the task's own job id (SLURM_JOB_ID inside it)
-    array_job_id: str            # %F
-    array_task_id: str | None    # %K, None for plain jobs
-    state: str                   # %T
-    reason: str                  # %r
-    started_at: float | None     # %S: start of the current run (a requeued task starts again)
-
-    @property
-    def alive(self) -> bool:
-        return self.state in ALIVE_STATES
-
-    @property
-    def queued(self) -> bool:
-        return self.state in QUEUED_STATES
-
-
-def _timestamp(value: str) -> float | None:
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:  # N/A, Unknown, None
-        return None
-
-
-def parse_squeue(output: str) -> dict[str, SlurmTask]:
-    """`squeue -h -r -o SQUEUE_FORMAT` lines -> tasks by %i."""
-    tasks: dict[str, SlurmTask] = {}
-    for line in output.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) < 6:
-            continue
-        key, job_id, array_job_id, array_task_id, state, reason = parts[:6]
-        started = _timestamp(parts[6]) if len(parts) > 6 else None
-        task_id = array_task_id if array_task_id.isdigit() else None
-        # A state may carry a suffix on some versions (CANCELLED by 0): keep the word.
-        tasks[key] = SlurmTask(key=key, job_id=job_id, array_job_id=array_job_id, array_task_id=task_id,
-                               state=state.split()[0] if state else "", reason=reason, started_at=started)
-    return tasks
-
-
-def _command(argv: Sequence[str], *, stdin: str | None = None, env: dict[str, str] | None = None,
-             timeout: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """Run one Slurm client command; a missing command is SlurmUnavailable."""
-    if shutil.which(argv[0]) is None:
-        raise SlurmUnavailable(f"{argv[0]} not found on PATH: run this on a Slurm login node")
-    try:
-        return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=timeout,
-                              env=env)
-    except subprocess.TimeoutExpired:
-        raise SlurmUnavailable(f"{argv[0]} did not answer within {timeout:.0f} s: is slurmctld up? "
-                               "(`scontrol ping`)") from None
-    except OSError as err:
-        raise SlurmUnavailable(f"{argv[0]} could not run ({err.strerror}): check the Slurm client install") from None
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
-def query_jobs(job_ids: Iterable[str]) -> dict[str, SlurmTask]:
-    """Every task of these jobs that Slurm still knows, in ONE squeue call (by %i).
-
-    A job Slurm has forgotten (finished longer than MinJobAge ago, or cancelled while pending)
-    is simply absent; squeue's 'Invalid job id specified', which it gives when it knows none of
-    them, means the same. Needs no sacct.
-    """
-    ids = sorted({str(job_id) for job_id in job_ids if job_id})
-    if not ids:
-        return {}
-    result = _command(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", SQUEUE_FORMAT])
-    if result.returncode != 0:
-        if "Invalid job id" in result.stderr:
-            return {}
-        raise SlurmUnavailable(f"squeue failed: {_last_line(result.stderr or result.stdout)}")
-    return parse_squeue(result.stdout)
-
-
-def max_array_size() -> int:
-    """This cluster's MaxArraySize (Slurm's default when scontrol cannot tell)."""
-    try:
-        result = _command(["scontrol", "show", "config"], timeout=30)
-    except SlurmUnavailable:
-        return DEFAULT_MAX_ARRAY_SIZE
-    return parse_max_array_size(result.stdout) if result.returncode == 0 else DEFAULT_MAX_ARRAY_SIZE
+    throttles = largest_remainder(sizes, total, low=[1] * len(sizes), high=sizes)
+    return list(zip(sizes, throttles))
 
 
 # ---------------------------------------------------------------- what Slurm says about our workers
@@ -368,7 +128,7 @@ def observe(store: Store) -> SlurmView:
     gone when its task is not in squeue, is in a state without processes (ended, or requeued and
     pending), or has started again since the worker registered (a requeued task's earlier run).
     """
-    submissions = store.fetch("slurm_submissions")
+    submissions = store.submissions()
     if not submissions:
         return SlurmView(available=False, problem="nothing submitted to Slurm")
     submitted = {sub.job_id for sub in submissions}
@@ -378,7 +138,7 @@ def observe(store: Store) -> SlurmView:
         log.warning("%s; using the heartbeat grace alone", err)
         return SlurmView(available=False, problem=str(err), submissions=submissions)
     view = SlurmView(available=True, submissions=submissions, tasks=tasks)
-    for worker in store.fetch("slurm_live_workers"):
+    for worker in store.slurm_workers():
         if (worker.slurm_array_job_id or worker.slurm_job_id) not in submitted:
             continue
         task = view.task_of(worker)
@@ -422,33 +182,6 @@ def reap(store: Store, now: float, grace_s: float) -> SlurmReap:
                      gone_workers=view.gone_workers, view=view)
 
 
-class StatusWithSlurm:
-    """`status` with the Slurm-aware reaper and the sweep's jobs; squeue at most every few seconds
-    (for `status --watch`)."""
-
-    def __init__(self, min_interval_s: float = SQUEUE_MIN_INTERVAL_S):
-        self.min_interval_s = min_interval_s
-        self._view: SlurmView | None = None
-        self._asked_at = float("-inf")
-
-    def __call__(self, store: Store, now: float, grace_s: float, heartbeat_interval_s: float) -> SweepStatus:
-        released: list[int] = []
-        if self._view is None or time.monotonic() - self._asked_at >= self.min_interval_s:
-            self._view = observe(store)
-            self._asked_at = time.monotonic()
-            if self._view.gone_workers:
-                report, _ = try_reap(store, now, grace_s, self._view.gone_workers)
-                released = report.released + report.failed
-        status = sweep_status(store, now, grace_s)
-        status.reaped = released + status.reaped
-        if self._view.submissions:
-            status.slurm_jobs = self._view.jobs()
-        if self._view.available:
-            # Two missed beats: late enough to mention, well before the grace reaps the row.
-            status.hung = hung_rows(store, self._view, now, min(2 * heartbeat_interval_s, grace_s))
-        return status
-
-
 # ---------------------------------------------------------------- submit
 
 
@@ -485,8 +218,7 @@ def choose_backend(*, local: bool, dry_run: bool, overrides: Overrides, throttle
 
 def claimable_rows(store: Store) -> int:
     """Rows a worker could still claim: pending and not blocked by a failed dependency."""
-    totals = {row.status: row.n for row in store.fetch("task_totals")}
-    return max(0, int(totals.get("pending", 0)) - int(store.scalar("blocked_tasks") or 0))
+    return store.task_counts().runnable
 
 
 @dataclass(frozen=True)
@@ -557,7 +289,7 @@ def submit(settings: Settings, store: Store, *, worker_command: list[str], worke
     if dry_run and view.gone_workers:  # what the reap above would have put back
         gone = set(view.gone_workers)
         claimable += sum(1 for row in store.running_tasks() if row.worker_id in gone)
-    running = int({row.status: row.n for row in store.fetch("task_totals")}.get("running", 0))
+    running = store.task_counts().running
     wanted = settings.slurm.workers if workers is None else workers
     # Workers of this sweep that are queued or running will claim rows too: count them first, so a
     # second submit while the first array runs asks only for the workers still missing.
@@ -592,10 +324,10 @@ def submit(settings: Settings, store: Store, *, worker_command: list[str], worke
     env = {**os.environ, **secret_env}
     for i, array in enumerate(submission.arrays):
         array.script_path.write_text(array.script)
-        result = _command(array.command, env=env)
+        result = run_command(array.command, env=env)
         if result.returncode != 0:
             done = f" (already submitted: {', '.join(submission.job_ids)})" if submission.job_ids else ""
-            why = _last_line(result.stderr or result.stdout)
+            why = last_line(result.stderr or result.stdout)
             fix = ("Slurm does not answer here: check `scontrol ping`, or run workers on this machine with --local"
                    if re.search(r"configuration source|contact slurm controller", why, re.I) else
                    "check the partition, account, time and GPU request (`hparray submit --dry-run` shows them)")
@@ -612,8 +344,7 @@ def submit(settings: Settings, store: Store, *, worker_command: list[str], worke
 def expected_row_s(settings: Settings, store: Store | None) -> tuple[float, str]:
     """How long one fine-tune row is expected to take, and where the figure comes from: the 90th
     percentile of this sweep's finished fine-tune rows once there are three, else the config."""
-    measured = [] if store is None else sorted(
-        row.wall_s for row in store.fetch("durations_by_kind", {"kind": "finetune"}))
+    measured = [] if store is None else sorted(store.durations("finetune"))
     if len(measured) >= 3:
         p90 = measured[min(len(measured) - 1, int(0.9 * len(measured)))]
         return p90, f"the 90th percentile of {len(measured)} finished rows"
@@ -641,30 +372,6 @@ def check_time_limit(settings: Settings, store: Store | None, time_override: str
     return ""
 
 
-@dataclass(frozen=True)
-class NodeShape:
-    """What one node of a partition offers an array task."""
-
-    name: str
-    cpus: int
-    mem_mb: int
-    gpus: int
-
-
-def parse_sinfo_nodes(output: str, partition: str | None) -> list[NodeShape]:
-    """`sinfo -h -N -o '%P|%N|%c|%m|%G'` lines of `partition` (None: the default one, marked *)."""
-    nodes = []
-    for line in output.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) < 5:
-            continue
-        name, node, cpus, mem, gres = parts[:5]
-        if (partition is None and not name.endswith("*")) or (partition is not None and name.rstrip("*") != partition):
-            continue
-        gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,()]+)?:(\d+)", gres))
-        nodes.append(NodeShape(node, int(re.sub(r"\D.*", "", cpus) or 0), int(re.sub(r"\D.*", "", mem) or 0), gpus))
-    return nodes
-
 
 def check_partition_fits(settings: Settings, overrides: Overrides) -> str:
     """Refuse an array task that no node of the partition can run (it would pend forever, reason
@@ -672,11 +379,7 @@ def check_partition_fits(settings: Settings, overrides: Overrides) -> str:
     partition = overrides.partition or settings.slurm.partition
     gpus = settings.slurm.gpus_per_task if overrides.gpus is None else overrides.gpus
     cpus, mem_mb = settings.slurm.cpus_per_task, settings.slurm.mem_gb * 1024
-    try:
-        result = _command(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%m|%G"], timeout=30)
-    except SlurmUnavailable:
-        return ""
-    nodes = parse_sinfo_nodes(result.stdout, partition) if result.returncode == 0 else []
+    nodes = partition_nodes(partition)
     if not nodes:
         return ""
     if any(n.cpus >= cpus and n.mem_mb >= mem_mb and n.gpus >= gpus for n in nodes):
@@ -708,14 +411,14 @@ class Cancellation:
 def cancel(store: Store, grace_s: float, *, wait_s: float = 60.0) -> Cancellation:
     """scancel this sweep's jobs that squeue still lists, wait for their workers to put their rows
     back, then release what the killed ones held; the submissions are marked cancelled."""
-    submissions = [sub for sub in store.fetch("slurm_submissions") if sub.state == "submitted"]
+    submissions = [sub for sub in store.submissions() if sub.state == "submitted"]
     tasks = query_jobs(sub.job_id for sub in submissions)
     live = sorted({task.array_job_id for task in tasks.values() if task.alive or task.queued}, key=int)
     if not live:
         return Cancellation(job_ids=[], released=[], failed=[], still_running=[])
-    result = _command(["scancel", *live])
+    result = run_command(["scancel", *live])
     if result.returncode != 0:
-        raise SlurmError(f"scancel failed: {_last_line(result.stderr or result.stdout)}: "
+        raise SlurmError(f"scancel failed: {last_line(result.stderr or result.stdout)}: "
                          f"cancel by hand with `scancel {' '.join(live)}`")
     deadline, pause = time.monotonic() + wait_s, 0.5
     while True:
@@ -726,7 +429,7 @@ def cancel(store: Store, grace_s: float, *, wait_s: float = 60.0) -> Cancellatio
         pause = min(pause * 1.5, 5.0)  # squeue is not for tight loops
     # Workers still running past the wait keep their rows: Slurm kills them after its KillWait,
     # and the next `status` or `reap` finds them gone.
-    gone = [worker.id for worker in store.fetch("slurm_live_workers")
+    gone = [worker.id for worker in store.slurm_workers()
             if (worker.slurm_array_job_id or worker.slurm_job_id) in live
             and worker_key(worker.slurm_array_job_id, worker.slurm_array_task_id, worker.slurm_job_id) not in still]
     report = store.reap(time.time(), grace_s, gone_workers=gone)

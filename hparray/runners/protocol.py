@@ -58,8 +58,14 @@ class Runner(Protocol):
     """An experiment implementation; constructed with (runner_settings, model_settings, device).
 
     Construction is cheap and validates the settings; `load` is the slow part. A runner may also
-    have `check()`, which `plan` and `submit` call to refuse settings that could never run (a
-    missing executable or checkpoint) before any GPU time is spent.
+    have, all optional:
+    - `check()`: `plan` and `submit` call it to refuse settings that could never run (a missing
+      executable or checkpoint) before any GPU time is spent;
+    - `identity() -> str | None`: which model the rows run, when the settings alone do not say
+      (the built-in weights' digest, a server's model); it enters every config hash;
+    - `describe() -> str`: one line for the plan shown before anything runs;
+    - a classmethod `geometry_problem(height, width) -> (key, problem, fix) | None`: frame sizes
+      this runner cannot take (checked when the configs load, for the built-in runners).
     """
 
     def load(self) -> None:
@@ -78,13 +84,39 @@ BUILTIN_RUNNERS = {
 }
 
 
+def build_runner(settings: Settings, device: str = "cpu") -> Any:
+    """The configured runner, constructed (cheap: nothing loads). Runners get plain dicts of the
+    `runner:` and `model:` sections, so a user's runner needs nothing from hparray to read them."""
+    return runner_class(settings.runner.name)(settings.runner.model_dump(), settings.model.model_dump(), device)
+
+
 def check_runner(settings: Settings) -> None:
     """Import the configured runner, build it (which validates its settings) and run its own
     `check()`: everything a worker would find out on its first task, found here instead."""
-    runner = runner_class(settings.runner["name"])(settings.runner, settings.model, "cpu")
+    runner = build_runner(settings)
     check = getattr(runner, "check", None)
     if callable(check):
         check()
+
+
+def runner_identity(runner: Any) -> str | None:
+    """The runner's model identity (see `Runner`), or None when the settings say it all."""
+    identity = getattr(runner, "identity", None)
+    return identity() if callable(identity) else None
+
+
+def describe_runner(settings: Settings) -> str:
+    """One line naming the runner and the model the rows will run (for `plan` and `doctor`)."""
+    describe = getattr(build_runner(settings), "describe", None)
+    return describe() if callable(describe) else f"runner {settings.runner.name}"
+
+
+def geometry_problem(name: str, height: int, width: int) -> tuple[str, str, str] | None:
+    """A built-in runner's objection to the frame size (a user's runner states its own in check())."""
+    if name not in BUILTIN_RUNNERS:
+        return None
+    rule = getattr(runner_class(name), "geometry_problem", None)
+    return rule(height, width) if callable(rule) else None
 
 
 def runner_class(name: str) -> type:

@@ -1,4 +1,4 @@
-"""`python -m hparray.train_demo_model`: train the built-in demo model (see hparray.demo_model).
+"""`python -m hparray.demo.train`: train the built-in demo model (see hparray.demo.model).
 
 By default it overwrites the weights shipped in the package; `--from-manifest` retrains with a
 manifest's settings and says whether the result is bit-identical to the weights it describes.
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from hparray.demo_model import (
+from hparray.demo.model import (
     TrainConfig,
     compare,
     config_from_manifest,
@@ -24,7 +24,7 @@ from hparray.runners.ltx import DEMO_WEIGHTS_DIR
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hparray.train_demo_model",
+        prog="python -m hparray.demo.train",
         description="Train the tiny LTX-Video model that the built-in runner ships with.",
     )
     parser.add_argument(

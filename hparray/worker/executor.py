@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hparray.store import Store
+from hparray.environment import visible_gpus
+from hparray.store import Store, TaskCounts
 
 log = logging.getLogger(__name__)
 
@@ -29,31 +29,6 @@ NO_RESPAWN = (2, 3)
 STOP_WAIT_S = 30.0
 
 
-@dataclass(frozen=True)
-class Counts:
-    """Rows by what a local run cares about: finished (done, diverged or failed), running,
-    failed, and runnable (pending and not blocked behind a failed dependency)."""
-
-    finished: int
-    running: int
-    failed: int
-    runnable: int
-    blocked: int = 0  # pending behind a failed or diverged dependency: runs only after a retry
-
-    @classmethod
-    def read(cls, store: Store) -> Counts:
-        totals = {row.status: row.n for row in store.fetch("task_totals")}
-        blocked = int(store.scalar("blocked_tasks") or 0)
-        return cls(finished=sum(totals.get(s, 0) for s in ("done", "diverged", "failed")),
-                   running=totals.get("running", 0), failed=totals.get("failed", 0),
-                   runnable=totals.get("pending", 0) - blocked, blocked=blocked)
-
-    @property
-    def to_run(self) -> int:
-        """Rows a local run would work through: runnable now, or running (maybe under dead workers)."""
-        return self.runnable + self.running
-
-
 @dataclass
 class ExecutorReport:
     started: int = 0
@@ -61,20 +36,6 @@ class ExecutorReport:
     exit_codes: list[int] = field(default_factory=list)
     interrupted: bool = False
     gave_up: str = ""
-
-
-def visible_gpus() -> list[str]:
-    """GPU indices this machine offers: CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`."""
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return [gpu for gpu in listed.split(",") if gpu.strip() and gpu.strip() != "-1"]
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
 def last_error_line(log_path: Path) -> str:
@@ -131,7 +92,7 @@ class LocalExecutor:
     def _work_left(self) -> bool:
         """Rows a new worker could run now or once their dependency is done. Rows running under
         other workers are theirs: waiting for them here would only spawn idle workers."""
-        return Counts.read(self.store).runnable > 0
+        return self.store.task_counts().runnable > 0
 
     def run(self) -> ExecutorReport:
         """Start the workers and supervise them; returns when they are all gone."""
@@ -165,7 +126,7 @@ class LocalExecutor:
                             self.report.gave_up = f"a worker stopped: {last_error_line(log_path)} (see {log_path})"
                         continue
                     if code != 0 and not self.report.interrupted and self._work_left():
-                        finished = Counts.read(self.store).finished
+                        finished = self.store.task_counts().finished
                         if finished == self._finished_at_last_death:
                             self._deaths_without_progress += 1
                         else:
@@ -211,3 +172,17 @@ class LocalExecutor:
                 proc.kill()
             self.report.exit_codes.append(proc.returncode if proc.returncode is not None else -9)
         self._procs.clear()
+
+
+def run_local(store: Store, worker_args: list[str], workers: int, *, grace_s: float, log_dir: Path,
+              progress: Callable[[int, int, TaskCounts], None]) -> ExecutorReport:
+    """`submit --local`: run the workers until the rows are done, calling `progress(done, total,
+    counts)` as they go; rows planned meanwhile join the total (done plus what is left)."""
+    before = store.task_counts()
+
+    def refresh() -> None:
+        now = store.task_counts()
+        done = now.finished - before.finished
+        progress(done, done + now.to_run, now)
+
+    return LocalExecutor(store, worker_args, workers, grace_s=grace_s, log_dir=log_dir, progress=refresh).run()

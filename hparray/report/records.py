@@ -1,0 +1,63 @@
+"""The report's rows: every task once per search that holds it (un-fine-tuned rows once, under
+`baseline_inference`), as the store's `report_rows` hands them out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from hparray.store import Store
+from hparray.store.records import ReportRow
+
+BASELINE_INFERENCE = "baseline_inference"
+
+
+@dataclass(frozen=True)
+class TaskRow(ReportRow):
+    """One task as a member of one search (the baseline config's rows appear once per search):
+    the store's row with its search, name and value always set."""
+
+    search: str
+    name: str
+    parameter: str
+    value: float
+    is_baseline: bool
+    blocked: bool = False  # pending behind a baseline row that failed or diverged: it will not run unless retried
+
+    @property
+    def config(self) -> str:
+        return self.name
+
+    def score(self, metric: str) -> float | None:
+        """The metric if this row was scored (status done), else None."""
+        value = getattr(self, metric)
+        return float(value) if self.status == "done" and value is not None else None
+
+    def trivial(self, metric: str) -> float | None:
+        value = getattr(self, f"trivial_{metric}")
+        return float(value) if self.status == "done" and value is not None else None
+
+
+
+def load_rows(store: Store) -> list[TaskRow]:
+    """Every task once per search holding it; un-fine-tuned rows under 'baseline_inference'."""
+    rows = []
+    for r in store.report_rows():
+        if r.kind == "baseline":
+            search, name, parameter, value, is_baseline = (
+                BASELINE_INFERENCE, f"no_finetune_cf_{r.condition_frames}", "condition_frames",
+                float(r.condition_frames), False)
+        elif r.search is None:
+            continue  # a fine-tune config no search holds (never planned that way): nothing to compare
+        else:
+            search, name, parameter = r.search, r.name or "", r.parameter or ""
+            value, is_baseline = float(r.value or 0.0), bool(r.is_baseline)
+        fields = {**asdict(r), "search": search, "name": name, "parameter": parameter, "value": value,
+                  "is_baseline": is_baseline, "condition_frames": int(r.condition_frames)}
+        rows.append(TaskRow(**fields, blocked=r.status == "pending" and r.depends_status in ("failed", "diverged")))
+    rows.sort(key=lambda row: (row.search == BASELINE_INFERENCE, row.search, row.value, row.video, row.task_id))
+    return rows
+
+
+def scores(rows: list[TaskRow], metric: str) -> dict[str, float]:
+    """The scored rows' metric by video."""
+    return {row.video: s for row in rows if (s := row.score(metric)) is not None}
