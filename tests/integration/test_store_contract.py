@@ -569,3 +569,41 @@ def test_a_heartbeat_is_not_held_up_behind_the_writer_lock(store: Store, one_vid
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_database_migrated_from_v1_equals_a_fresh_one_and_keeps_its_rows(tmp_path) -> None:
+    """A sweep started before 0002 (no liveness, one attempt budget): migrated in place, its schema
+    is the fresh one's and its spent attempts are split into errors and losses."""
+    import sqlite3
+
+    from hparray.store.queries import split_sql
+
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as conn:
+        first = MIGRATIONS[0]
+        for statement in split_sql(first.read_text().replace("{{SERIAL_PK}}", "INTEGER PRIMARY KEY")):
+            conn.execute(statement)
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                     "applied_at DOUBLE PRECISION NOT NULL)")
+        conn.execute("INSERT INTO schema_migrations VALUES (1, ?, 0)", (first.name.removesuffix(".sql"),))
+        conn.execute("INSERT INTO configs VALUES ('c', 'baseline', NULL, 4, NULL, '{}', 0)")
+        conn.execute("INSERT INTO videos VALUES ('v', '/v.npy', 'pan', NULL, 1)")
+        conn.execute("INSERT INTO tasks (config_hash, video, kind, max_attempts, estimate_s, created_at, attempts) "
+                     "VALUES ('c', 'v', 'baseline', 3, 1.0, 0, 3)")
+        for n, outcome in enumerate(("error", "reaped", "fenced"), 1):
+            conn.execute("INSERT INTO attempts (task_id, lease, number, worker_id, started_at, outcome) "
+                         "VALUES (1, ?, ?, 'w', 0, ?)", (f"l{n}", n, outcome))
+    migrated, fresh = Store.open(str(old)), Store.open(str(tmp_path / "fresh.db"))
+    try:
+        def schema(store: Store) -> dict[str, Any]:
+            tables = sorted(inspect(store.engine).get_table_names())
+            return {t: ([(c[1], c[2], c[3], c[4]) for c in rows(store, f"PRAGMA table_info({t})")],
+                        sorted(r[1] for r in rows(store, f"PRAGMA index_list({t})"))) for t in tables}
+
+        assert schema(migrated) == schema(fresh)
+        assert migrated.schema_version() == fresh.schema_version() == int(MIGRATIONS[-1].name[:4])
+        task = one(migrated, "SELECT errors, losses, attempts FROM tasks WHERE id = 1")
+        assert (task.errors, task.losses, task.attempts) == (1, 2, 3)
+    finally:
+        migrated.close()
+        fresh.close()
