@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         for n, ref in enumerate(videos, 1):
             frames = read_video(ref.path, settings.data.num_frames, settings.data.height,
                                 settings.data.width)
-            clip = Clip(ref, frames)
+            clip = Clip.conditioned(ref, frames, cf)
             seed = task_seed(settings.seed, video_seed(ref.name))
             runs: list[tuple[str, Any]] = [
                 (TRIVIAL, lambda: Generation(frames=trivial_prediction(frames, cf))),

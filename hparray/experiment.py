@@ -75,9 +75,9 @@ class Experiment:
         self.load()
         load_s, self._load_s = self._load_s, 0.0
         truth = self.frames(task)
-        clip = Clip(VideoRef(task.video, task.video_path, task.category, task.caption), truth)
-        seed = task_seed(self.settings.seed, task.video_seed)
         cf = task.condition_frames
+        clip = Clip.conditioned(VideoRef(task.video, task.video_path, task.category, task.caption), truth, cf)
+        seed = task_seed(self.settings.seed, task.video_seed)
         if task.kind == "baseline":
             generation = self.runner.baseline(clip, cf, seed)
         else:

@@ -27,7 +27,11 @@ import numpy as np
 from hparray.errors import ConfigError, RunnerError, RunnerSetupError
 from hparray.runners.protocol import Clip, Generation, Hyperparams
 
-PLACEHOLDERS = ("video", "output_dir", "lr", "condition_frames", "finetune_steps", "seed")
+# {condition_video}: an .npy of exactly the first condition_frames frames (float32 in [0, 1], at the
+# sweep's geometry): the honest input. {video} hands the script the whole video, the frames it is
+# scored on included; it stays for scripts that must read the source themselves.
+PLACEHOLDERS = ("video", "condition_video", "output_dir", "lr", "condition_frames", "finetune_steps", "seed",
+                "caption", "height", "width", "num_frames")
 
 OUTPUT_NAMES = ("generated.npy", "generated.mp4")
 TIMINGS_NAME = "timings.json"
@@ -38,6 +42,11 @@ _POLL_S = 0.05
 
 _SAMPLE_VALUES: dict[str, Any] = {
     "video": "/videos/a b.mp4",
+    "condition_video": "/tmp/in/condition.npy",
+    "caption": "a dog runs",
+    "height": 64,
+    "width": 64,
+    "num_frames": 49,
     "output_dir": "/tmp/out",
     "lr": 1e-4,
     "condition_frames": 17,
@@ -188,7 +197,12 @@ class CommandRunner:
         output_dir = Path(tempfile.mkdtemp(prefix="hparray-task-"))
         log_dir = Path(tempfile.mkdtemp(prefix="hparray-log-"))
         try:
-            argv = self.argv({"video": str(clip.ref.path), "output_dir": str(output_dir), **hyper})
+            condition = log_dir / "condition.npy"
+            np.save(condition, np.asarray(clip.frames, dtype=np.float32))
+            _, height, width, _ = clip.frames.shape
+            argv = self.argv({"video": str(clip.ref.path), "condition_video": str(condition),
+                              "output_dir": str(output_dir), "caption": clip.ref.caption or "", "height": height,
+                              "width": width, "num_frames": clip.num_frames, **hyper})
             started = time.perf_counter()
             returncode, peak_rss_mb = self._execute(argv, log_dir / "stderr")
             wall_s = time.perf_counter() - started
@@ -276,7 +290,8 @@ class CommandRunner:
             raw = np.load(path, allow_pickle=False) if path.suffix == ".npy" else _read_mp4(path)
         except (OSError, ValueError) as exc:
             raise RunnerError(f"cannot read {name} written by the runner command: {exc}") from exc
-        num_frames, height, width, _ = clip.frames.shape
+        num_frames = clip.num_frames
+        _, height, width, _ = clip.frames.shape
         if raw.ndim != 4 or raw.shape[-1] != 3:
             raise RunnerError(f"{name} has shape {raw.shape}: write (T, H, W, 3)")
         if raw.shape[1:3] != (height, width):

@@ -31,10 +31,18 @@ class Hyperparams:
 
 @dataclass(frozen=True)
 class Clip:
-    """A video as a runner sees it: its reference and its frames, (T, H, W, 3) float32 in [0, 1]."""
+    """A video as a runner sees it: its reference, its conditioning frames only ((condition_frames,
+    H, W, 3) float32 in [0, 1]: the frames a row is scored on are never handed to a runner), and
+    how many frames the prediction must have, conditioning frames included."""
 
     ref: VideoRef
     frames: np.ndarray
+    num_frames: int
+
+    @classmethod
+    def conditioned(cls, ref: VideoRef, video: np.ndarray, condition_frames: int) -> Clip:
+        """The clip of a whole video that a runner may see: its first `condition_frames` frames."""
+        return cls(ref, np.ascontiguousarray(video[:condition_frames]), int(video.shape[0]))
 
 
 @dataclass

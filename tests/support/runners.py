@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from hparray.runners import Clip, Generation, Hyperparams
 
 
@@ -53,9 +55,10 @@ class SleepyRunner:
         hold = os.environ.get("HPARRAY_TEST_HOLD")
         while hold and not os.path.exists(os.path.join(hold, "go")) and not _take_ticket(hold):
             time.sleep(0.02)
-        frames = clip.frames.copy()
         shade = float(os.environ.get("HPARRAY_TEST_SHADE", "1"))
-        frames[condition_frames:] = frames[condition_frames - 1] * (1.0 - min(lr * 1000.0, 0.5)) * shade
+        last = clip.frames[condition_frames - 1] * (1.0 - min(lr * 1000.0, 0.5)) * shade
+        rest = np.broadcast_to(last, (clip.num_frames - condition_frames, *last.shape))
+        frames = np.concatenate([clip.frames, rest])
         return Generation(frames=frames, timings_s={"finetune": 0.0, "inference": 0.0}, peak_memory_mb=1.0)
 
     def baseline(self, clip: Clip, condition_frames: int, seed: int) -> Generation:

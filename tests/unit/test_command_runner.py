@@ -90,7 +90,8 @@ def setup(tmp_path: Path) -> tuple[Path, Path, Clip]:
     np.save(video, clip_frames())
     clip = Clip(
         ref=VideoRef(name="clip-one", path=str(video), category="pan"),
-        frames=clip_frames().astype(np.float32) / 255.0,
+        frames=clip_frames().astype(np.float32)[:3] / 255.0,  # the conditioning frames (tests use 3)
+        num_frames=T,
     )
     return script, tmp_path / "record.json", clip
 
@@ -129,7 +130,7 @@ def test_paths_with_spaces_quotes_and_semicolons_reach_the_script_intact(setup) 
         output_dir.name.startswith("hparray-task-") and not output_dir.exists()
     )  # fresh, then removed
     assert result.frames is not None and result.frames.dtype == np.float32
-    np.testing.assert_allclose(result.frames, clip.frames, atol=1e-7)  # uint8 -> /255
+    np.testing.assert_allclose(result.frames, clip_frames().astype(np.float32) / 255.0, atol=1e-7)  # uint8 -> /255
     assert not result.diverged
     assert result.timings_s["finetune"] == 0.0 and result.timings_s["inference"] > 0
     assert result.peak_memory_mb > 10  # the child's own RSS: python + numpy
@@ -155,7 +156,7 @@ def test_mp4_output_is_decoded(setup) -> None:
     script, record, clip = setup
     result = make_runner(script, record, "mp4").baseline(clip, condition_frames=3, seed=0)
     assert result.frames.shape == (T, H, W, 3) and result.frames.dtype == np.float32
-    assert np.abs(result.frames - clip.frames).mean() < 0.05  # lossy codec
+    assert np.abs(result.frames - clip_frames().astype(np.float32) / 255.0).mean() < 0.05  # lossy codec
 
 
 def test_nan_output_is_a_divergence_not_an_error(setup) -> None:

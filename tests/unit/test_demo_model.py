@@ -105,7 +105,7 @@ def test_trained_model_predicts_held_out_videos_far_better_than_random_init(
     gains = []
     for ref in picked:
         frames = read_video(ref.path, 49, 64, 64)
-        clip = Clip(ref, frames)
+        clip = Clip.conditioned(ref, frames, 22)
         ours = trained.baseline(clip, 22, 0).frames
         theirs = random_init.baseline(clip, 22, 0).frames
         assert ours is not None and theirs is not None

@@ -29,7 +29,15 @@ MODEL = {
 }
 
 
-def make_clip(num_frames: int = T, size: int = SIZE) -> Clip:
+REF = VideoRef(name="wave", path="/videos/wave.npy", category="pan")
+
+
+def conditioned(video: np.ndarray, condition_frames: int) -> Clip:
+    """What a runner is given of `video`: its first `condition_frames` frames."""
+    return Clip.conditioned(REF, video, condition_frames)
+
+
+def make_clip(num_frames: int = T, size: int = SIZE) -> np.ndarray:
     """A moving colour wave: smooth, structured, and different in every frame."""
     y, x = np.mgrid[0:size, 0:size] / size
     frames = np.stack(
@@ -41,7 +49,7 @@ def make_clip(num_frames: int = T, size: int = SIZE) -> Clip:
             for t in range(num_frames)
         ]
     ).astype(np.float32)
-    return Clip(ref=VideoRef(name="wave", path="/videos/wave.npy", category="pan"), frames=frames)
+    return frames
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +100,8 @@ def test_tiny_weights_are_the_same_every_time_and_leave_the_global_rng_alone(
 
 def test_baseline_gives_the_whole_video(runner: LTXRunner) -> None:
     fresh = LTXRunner({"name": "ltx"}, MODEL, "cpu")
-    first = fresh.baseline(make_clip(), condition_frames=9, seed=SEED)
-    second = fresh.baseline(make_clip(), condition_frames=9, seed=SEED)
+    first = fresh.baseline(conditioned(make_clip(), 9), condition_frames=9, seed=SEED)
+    second = fresh.baseline(conditioned(make_clip(), 9), condition_frames=9, seed=SEED)
     assert isinstance(first, Generation) and not first.diverged
     assert first.frames is not None
     assert first.frames.shape == (T, SIZE, SIZE, 3) and first.frames.dtype == np.float32
@@ -106,13 +114,13 @@ def test_baseline_gives_the_whole_video(runner: LTXRunner) -> None:
 
 def test_finetune_changes_the_output_and_restore_is_exact(runner: LTXRunner) -> None:
     clip = make_clip()
-    before = runner.baseline(clip, 9, SEED).frames
+    before = runner.baseline(conditioned(clip, 9), 9, SEED).frames
     tuned = runner.finetune_and_generate(
-        clip, Hyperparams(lr=1e-3, condition_frames=9, finetune_steps=8), SEED
+        conditioned(clip, 9), Hyperparams(lr=1e-3, condition_frames=9, finetune_steps=8), SEED
     )
-    after = runner.baseline(clip, 9, SEED).frames
+    after = runner.baseline(conditioned(clip, 9), 9, SEED).frames
     again = runner.finetune_and_generate(
-        clip, Hyperparams(lr=1e-3, condition_frames=9, finetune_steps=8), SEED
+        conditioned(clip, 9), Hyperparams(lr=1e-3, condition_frames=9, finetune_steps=8), SEED
     )
     assert tuned.frames is not None and not tuned.diverged
     assert tuned.timings_s["finetune"] > 0 and tuned.timings_s["inference"] > 0
@@ -129,26 +137,26 @@ def test_output_depends_on_exactly_the_first_condition_frames(
     """Changing frame c (unseen) changes nothing; changing frame c-1 (seen) changes the output."""
     clip = make_clip()
     hp = Hyperparams(lr=1e-3, condition_frames=condition_frames, finetune_steps=3)
-    reference = runner.finetune_and_generate(clip, hp, SEED).frames
+    reference = runner.finetune_and_generate(conditioned(clip, hp.condition_frames), hp, SEED).frames
     assert reference is not None and reference.shape == (T, SIZE, SIZE, 3)
 
-    unseen = clip.frames.copy()
+    unseen = clip.copy()
     unseen[condition_frames:] = 0.0
-    out = runner.finetune_and_generate(Clip(clip.ref, unseen), hp, SEED).frames
+    out = runner.finetune_and_generate(conditioned(unseen, condition_frames), hp, SEED).frames
     np.testing.assert_array_equal(out, reference)
 
-    seen = clip.frames.copy()
+    seen = clip.copy()
     seen[condition_frames - 1] = 1.0 - seen[condition_frames - 1]
     assert (
         np.abs(
-            runner.finetune_and_generate(Clip(clip.ref, seen), hp, SEED).frames - reference
+            runner.finetune_and_generate(conditioned(seen, condition_frames), hp, SEED).frames - reference
         ).max()
         > 1e-4
     )
     assert (
         np.abs(
-            runner.baseline(Clip(clip.ref, seen), condition_frames, SEED).frames
-            - runner.baseline(clip, condition_frames, SEED).frames
+            runner.baseline(conditioned(seen, condition_frames), condition_frames, SEED).frames
+            - runner.baseline(conditioned(clip, condition_frames), condition_frames, SEED).frames
         ).max()
         > 1e-4
     )
@@ -156,39 +164,40 @@ def test_output_depends_on_exactly_the_first_condition_frames(
 
 def test_other_condition_frames_and_seeds_give_other_output(runner: LTXRunner) -> None:
     clip = make_clip()
-    base = runner.baseline(clip, 9, SEED).frames
-    assert np.abs(runner.baseline(clip, 17, SEED).frames - base).max() > 1e-3
-    assert np.abs(runner.baseline(clip, 9, SEED + 1).frames - base).max() > 1e-3
+    base = runner.baseline(conditioned(clip, 9), 9, SEED).frames
+    assert np.abs(runner.baseline(conditioned(clip, 17), 17, SEED).frames - base).max() > 1e-3
+    assert np.abs(runner.baseline(conditioned(clip, 9), 9, SEED + 1).frames - base).max() > 1e-3
 
 
 def test_huge_lr_diverges_without_exception_and_restores(runner: LTXRunner) -> None:
     clip = make_clip()
-    before = runner.baseline(clip, 9, SEED).frames
+    before = runner.baseline(conditioned(clip, 9), 9, SEED).frames
     result = runner.finetune_and_generate(
-        clip, Hyperparams(lr=1e6, condition_frames=9, finetune_steps=20), SEED
+        conditioned(clip, 9), Hyperparams(lr=1e6, condition_frames=9, finetune_steps=20), SEED
     )
     assert result.diverged and result.frames is None
     assert isinstance(result.notes["diverged_at_step"], int)
-    np.testing.assert_array_equal(runner.baseline(clip, 9, SEED).frames, before)
+    np.testing.assert_array_equal(runner.baseline(conditioned(clip, 9), 9, SEED).frames, before)
 
 
 def test_lora_finetunes_and_restores_exactly(lora_runner: LTXRunner) -> None:
     clip = make_clip()
     keys = set(lora_runner.pipe.transformer.state_dict())
-    before = lora_runner.baseline(clip, 9, SEED).frames
+    before = lora_runner.baseline(conditioned(clip, 9), 9, SEED).frames
     hp = Hyperparams(lr=1e-2, condition_frames=9, finetune_steps=5)
-    tuned = lora_runner.finetune_and_generate(clip, hp, SEED).frames
+    tuned = lora_runner.finetune_and_generate(conditioned(clip, hp.condition_frames), hp, SEED).frames
     assert set(lora_runner.pipe.transformer.state_dict()) == keys
-    np.testing.assert_array_equal(lora_runner.baseline(clip, 9, SEED).frames, before)
-    np.testing.assert_array_equal(lora_runner.finetune_and_generate(clip, hp, SEED).frames, tuned)
+    np.testing.assert_array_equal(lora_runner.baseline(conditioned(clip, 9), 9, SEED).frames, before)
+    again = lora_runner.finetune_and_generate(conditioned(clip, hp.condition_frames), hp, SEED).frames
+    np.testing.assert_array_equal(again, tuned)
     assert np.abs(tuned - before).max() > 1e-4
 
 
 def test_bad_clips_and_settings_are_refused(runner: LTXRunner) -> None:
     with pytest.raises(RunnerError, match="multiples of 32"):
-        runner.baseline(make_clip(size=48), 9, SEED)
+        runner.baseline(conditioned(make_clip(size=48), 9), 9, SEED)
     with pytest.raises(RunnerError, match="condition_frames=33"):
-        runner.baseline(make_clip(), T, SEED)
+        runner.baseline(Clip(REF, make_clip(), T), T, SEED)
     with pytest.raises(ConfigError, match=r"model\.finetune"):
         LTXRunner({}, {**MODEL, "finetune": "adapter"}, "cpu")
     with pytest.raises(RunnerError, match=r"model\.path /nonexistent is not a directory"):
@@ -203,7 +212,7 @@ def test_a_saved_checkpoint_loads_through_model_path(tmp_path: Path) -> None:
     built = LTXRunner({}, MODEL, "cpu")
     clip = make_clip()
     np.testing.assert_array_equal(
-        from_path.baseline(clip, 9, SEED).frames, built.baseline(clip, 9, SEED).frames
+        from_path.baseline(conditioned(clip, 9), 9, SEED).frames, built.baseline(conditioned(clip, 9), 9, SEED).frames
     )
     (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
     with pytest.raises(RunnerError, match=f"cannot load LTX-Video from {tmp_path}"):

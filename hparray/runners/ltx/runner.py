@@ -187,7 +187,7 @@ class LTXRunner:
         timings = self._begin_task()
         frames = self._check_clip(clip, condition_frames)
         timings["finetune"] = 0.0
-        return self._generate_task(frames, condition_frames, seed, timings, {})
+        return self._generate_task(frames, clip.num_frames, seed, timings, {})
 
     def finetune_and_generate(self, clip: Clip, hp: Hyperparams, seed: int) -> Generation:
         """Fine-tune on the first `hp.condition_frames` frames, generate, restore the weights."""
@@ -210,7 +210,7 @@ class LTXRunner:
                     diverged=True,
                     notes=notes,
                 )
-            return self._generate_task(frames, hp.condition_frames, seed, timings, notes)
+            return self._generate_task(frames, clip.num_frames, seed, timings, notes)
         finally:
             self._restore()
 
@@ -242,11 +242,13 @@ class LTXRunner:
 
     def _check_clip(self, clip: Clip, condition_frames: int) -> np.ndarray:
         frames = np.asarray(clip.frames, dtype=np.float32)
-        if frames.ndim != 4 or frames.shape[-1] != 3:
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != condition_frames:
             raise RunnerError(
-                f"video {clip.ref.name}: frames have shape {frames.shape}, expected (T, H, W, 3)"
+                f"video {clip.ref.name}: conditioning frames have shape {frames.shape}, "
+                f"expected ({condition_frames}, H, W, 3)"
             )
-        num_frames, height, width, _ = frames.shape
+        num_frames = clip.num_frames
+        _, height, width, _ = frames.shape
         # The pipeline itself refuses sizes that are not multiples of 32.
         ratio = math.lcm(32, self.pipe.vae_spatial_compression_ratio)
         if height % ratio or width % ratio:
@@ -268,13 +270,13 @@ class LTXRunner:
     def _generate_task(
         self,
         frames: np.ndarray,
-        condition_frames: int,
+        num_frames: int,
         seed: int,
         timings: dict[str, float],
         notes: dict[str, Any],
     ) -> Generation:
         started = time.perf_counter()
-        video = self._generate(frames, condition_frames, seed)
+        video = self._generate(frames, num_frames, seed)
         timings["inference"] = self._elapsed(started)
         if not np.all(np.isfinite(video)):
             notes["diverged_in"] = "inference"
@@ -289,12 +291,12 @@ class LTXRunner:
             frames=video, timings_s=timings, peak_memory_mb=self._peak_memory_mb(), notes=notes
         )
 
-    def _generate(self, frames: np.ndarray, condition_frames: int, seed: int) -> np.ndarray:
-        """The whole video, conditioned on exactly its first `condition_frames` frames."""
+    def _generate(self, frames: np.ndarray, num_frames: int, seed: int) -> np.ndarray:
+        """The whole video of `num_frames` frames, conditioned on exactly the given frames."""
         import torch
         from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
 
-        num_frames, height, width, _ = frames.shape
+        condition_frames, height, width, _ = frames.shape
         ratio_t = self.pipe.vae_temporal_compression_ratio
         plan = conditioning_plan(condition_frames, ratio_t)
         conditions = [LTXVideoCondition(video=frames[: plan.prefix], frame_index=0)]
