@@ -158,11 +158,12 @@ class RunnerSettings(Section):
     name: Text = "ltx"
     command: Strings = Field((), json_schema_extra=_fix("give the argv as a list, e.g. [python, infer.py, '{video}']"))
     timeout_s: Float = Field(3600.0, gt=0)
+    start_timeout_s: Float = Field(1800.0, gt=0)  # resident: how long a server may take to load its model
 
     @model_validator(mode="after")
     def _command_given(self) -> RunnerSettings:
-        if self.name == "command" and not self.command:
-            raise _problem("is empty but runner.name is 'command'",
+        if self.name in ("command", "resident") and not self.command:
+            raise _problem(f"is empty but runner.name is {self.name!r}",
                            "give the script's argv as a list, e.g. [python, infer.py, --video, '{video}']",
                            key="runner.command")
         return self

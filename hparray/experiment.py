@@ -37,18 +37,22 @@ class Experiment:
         self.device = device or default_device()
         self.runner = runner or build_runner(settings, self.device)
         self.scorer = Scorer(list(settings.metrics), self.device)
-        self._loaded = False
         self._load_s = 0.0
         self._videos: OrderedDict[str, np.ndarray] = OrderedDict()
         self._links: dict[str, list[Path]] = {}  # staged folder -> the other folders that link to it
 
     def load(self) -> None:
-        """Load the model once; its time is charged to the first task."""
-        if not self._loaded:
-            started = time.perf_counter()
-            self.runner.load()
-            self._load_s = time.perf_counter() - started
-            self._loaded = True
+        """Load the model (a no-op once loaded; a resident server that died starts again here,
+        before the next claim); the time is charged to the next task."""
+        started = time.perf_counter()
+        self.runner.load()
+        self._load_s += time.perf_counter() - started
+
+    def close(self) -> None:
+        """Let go of the model (a resident server is told to shut down)."""
+        stop = getattr(self.runner, "stop", None)
+        if callable(stop):
+            stop()
 
     def matches_plan(self, task: ClaimedTask) -> bool:
         """Whether this worker's settings would produce what the plan promised for `task`."""

@@ -42,6 +42,16 @@ def init(folder: Path, force: bool) -> None:
                   "[bold]hparray plan --search lr --dry-run[/]" + (f" in {folder}" if str(folder) != "." else ""))
 
 
+@cli.command()
+def servers() -> None:
+    """Print the folder of hparray_serve.py (the server side of the resident runner's protocol,
+    standard library only) and the shipped example servers; put it on PYTHONPATH to run a server
+    by hand (the worker does that itself). In runner.command it is the placeholder {servers}."""
+    from hparray.runners.resident import SERVERS_DIR
+
+    click.echo(str(SERVERS_DIR))
+
+
 # ---------------------------------------------------------------- plan
 
 

@@ -89,6 +89,7 @@ class Runner(Protocol):
 BUILTIN_RUNNERS = {
     "ltx": "hparray.runners.ltx:LTXRunner",
     "command": "hparray.runners.command:CommandRunner",
+    "resident": "hparray.runners.resident:ResidentRunner",
 }
 
 

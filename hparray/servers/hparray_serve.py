@@ -42,8 +42,7 @@ import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable, Optional
 
 PROTOCOL = 1
 HELLO_ONLY = "HPARRAY_HELLO_ONLY"
@@ -163,7 +162,7 @@ class Reply:
         self.peak_memory_mb, self.diverged, self.notes = float(peak_memory_mb), bool(diverged), dict(notes or {})
 
 
-TaskFunction = Callable[[Task], Reply | None]
+TaskFunction = Callable[[Task], Optional[Reply]]  # typing's: the helper runs on Python 3.8
 
 
 def _protocol_streams() -> tuple[Any, Any]:

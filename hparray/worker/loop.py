@@ -105,6 +105,7 @@ class Worker:
                  check: Callable[[ClaimedTask], bool] | None = None,
                  settle: Callable[[TaskOutcome, bool], None] | None = None, circuit_breaker: int = 3,
                  reap: Callable[[float], ReapReport] | None = None, reap_every_s: float | None = None,
+                 prepare: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
         self.store, self.execute, self.identity = store, execute, identity
         self.heartbeat_interval_s, self.heartbeat_grace_s = heartbeat_interval_s, heartbeat_grace_s
@@ -116,6 +117,7 @@ class Worker:
         self.circuit_breaker = circuit_breaker
         self.reap = reap or (lambda now: store.reap(now, heartbeat_grace_s))
         self.reap_every_s = heartbeat_grace_s / 4 if reap_every_s is None else reap_every_s
+        self.prepare = prepare or (lambda: None)
         self._failures: list[tuple[str, int, str]] = []  # (signature, row, message): the failures in a row
         self.clock, self.sleep = clock, sleep
         self.summary = WorkerSummary()
@@ -194,6 +196,7 @@ class Worker:
             if self.max_tasks is not None and self._tasks_run() >= self.max_tasks:
                 return f"ran --max-tasks {self.max_tasks}"
             self._maybe_reap()
+            self.prepare()  # e.g. a resident server that died starts again before the next claim
             task = self.store.claim(self.identity.id, self.clock())
             if task is None:
                 waiting = self.store.waiting_work()

@@ -83,7 +83,7 @@ def run_worker(settings: Settings, store: Store, *, max_tasks: int | None = None
         heartbeat_grace_s=settings.tasks.heartbeat_grace_s, max_tasks=max_tasks, poll_s=poll_s,
         deadline=job_deadline(), signal_grace_s=settings.slurm.signal_grace_s, expected_duration=clock.expected,
         check=lambda task: loaded[0].matches_plan(task), settle=lambda outcome, won: loaded[0].settle(outcome, won),
-        circuit_breaker=settings.tasks.circuit_breaker, **reaper(settings, store),
+        circuit_breaker=settings.tasks.circuit_breaker, prepare=lambda: loaded[0].load(), **reaper(settings, store),
     )
     worker.catch_stop_signals()  # before anything slow: a stop during start-up must exit cleanly
     log.info("worker %s starting (pid %d, gpu %s)", identity.id, identity.pid, identity.gpu)
@@ -102,5 +102,7 @@ def run_worker(settings: Settings, store: Store, *, max_tasks: int | None = None
         summary = worker.run()
     except (ConfigMismatch, CircuitOpen) as err:
         raise WorkerStopped(str(err)) from None
+    finally:
+        loaded[0].close()
     log.info("worker %s stopped after %.0f s: %s", identity.id, time.time() - started, summary.stop_reason)
     return summary

@@ -235,3 +235,35 @@ def test_unstartable_command_is_a_runner_error(setup) -> None:
     runner = CommandRunner({"command": [os.devnull + "-no-such-program", "{video}"]}, {}, "cpu")
     with pytest.raises(RunnerError, match="cannot start runner command"):
         runner.baseline(clip, condition_frames=3, seed=0)
+
+
+CONDITION_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+
+    condition, output_dir, num_frames, height, width, caption, record = sys.argv[1:8]
+    frames = np.load(condition)
+    with open(record, "w") as fh:
+        json.dump({"shape": list(frames.shape), "dtype": str(frames.dtype), "caption": caption,
+                   "geometry": [int(num_frames), int(height), int(width)]}, fh)
+    rest = np.repeat(frames[-1:], int(num_frames) - len(frames), axis=0)
+    np.save(output_dir + "/generated.npy", np.concatenate([frames, rest]))
+    """
+)
+
+
+def test_condition_video_holds_exactly_the_conditioning_frames(setup, tmp_path: Path) -> None:
+    """{condition_video}: the honest input, the first condition_frames frames and nothing after."""
+    _, _, clip = setup
+    script = tmp_path / "condition.py"
+    script.write_text(CONDITION_SCRIPT)
+    record = tmp_path / "seen.json"
+    runner = CommandRunner({"name": "command", "timeout_s": 60, "command": [
+        sys.executable, str(script), "{condition_video}", "{output_dir}", "{num_frames}", "{height}", "{width}",
+        "{caption}", str(record)]}, {}, "cpu")
+    result = runner.baseline(clip, condition_frames=3, seed=0)
+    seen = json.loads(record.read_text())
+    assert seen["shape"] == [3, H, W, 3] and seen["dtype"] == "float32" and seen["geometry"] == [T, H, W]
+    assert result.frames is not None
+    np.testing.assert_array_equal(result.frames[:3], clip.frames)

@@ -100,3 +100,17 @@ def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
 def test_missing_folder_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--config-dir"):
         load_sweep(tmp_path / "nope")
+
+
+def test_frame_sizes_are_the_runners_business(tmp_path: Path) -> None:
+    """LTX-Video's multiple-of-32 rule is the ltx runner's; Open-Sora's 360x640 plans with a resident server."""
+    configs = _copy(tmp_path)
+    data = yaml.safe_load((configs / "base.yaml").read_text())
+    data["data"].update(height=360, width=640)
+    (configs / "base.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"data.height must be a positive multiple of 32, got 360: LTX-Video"):
+        load_sweep(configs)
+    data["runner"] = {"name": "resident", "command": ["/envs/opensora/bin/python", "serve.py"]}
+    (configs / "base.yaml").write_text(yaml.safe_dump(data))
+    settings = load_sweep(configs).settings
+    assert (settings.data.height, settings.data.width) == (360, 640)
