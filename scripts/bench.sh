@@ -19,11 +19,13 @@ if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
   claims=(--procs 1,8 --target-s 1)
   overhead=(--videos 1 --steps 2 --no-360p)
   resident=(--tasks 2 --steps 2)
+  server=(--videos 2 --load-s 1)
   demo_model=(--videos 4 --lrs 1e-6,1e-4)
 else
   claims=()
   overhead=()
   resident=()
+  server=()
   demo_model=()
 fi
 
@@ -37,6 +39,8 @@ echo "== orchestration overhead (bench/bench_overhead.py)"
 "$PY" -m bench.bench_overhead "${overhead[@]}"
 echo "== resident model vs one process per task (bench/bench_resident.py)"
 "$PY" -m bench.bench_resident "${resident[@]}"
+echo "== a slow-loading model: resident server vs command runner (bench/bench_server.py)"
+"$PY" -m bench.bench_server "${server[@]}"
 echo "== the shipped demo model on held-out videos (bench/bench_demo_model.py)"
 "$PY" -m bench.bench_demo_model "${demo_model[@]}"
 echo "== done in $(( $(date +%s) - started )) s; results in bench/out/; load: $(uptime)"

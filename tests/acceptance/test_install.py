@@ -1,5 +1,6 @@
 """hparray as a user installs it: the wheel, non-editable, in a fresh venv without torch, used from
-a folder outside the checkout (`hparray init`, plan, submit --local, status, report); then the
+a folder outside the checkout (`hparray init`, plan, submit --local through a resident server on
+the wheel's hparray_serve, status, report); then the
 [ltx] extra is the one that brings torch in."""
 
 from __future__ import annotations
@@ -21,16 +22,19 @@ REPO = Path(__file__).resolve().parents[2]
 NETWORK_SIGNS = ("Temporary failure in name resolution", "Max retries exceeded", "Network is unreachable",
                  "No matching distribution found")
 
-# The user's per-video script: the last conditioning frame repeated.
-PREDICT = textwrap.dedent(
+# The user's model as a resident server on the wheel's hparray_serve: the last conditioning
+# frame repeated.
+SERVER = textwrap.dedent(
     """
-    import sys
     import numpy as np
+    import hparray_serve as hs
 
-    video, output_dir, cond = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    frames = np.load(video)
-    frames[cond:] = frames[cond - 1]
-    np.save(output_dir + "/generated.npy", frames)
+    def predict(task):
+        condition = task.read_condition_array()
+        rest = np.repeat(condition[-1:], task.num_frames - len(condition), axis=0)
+        task.write_output(np.concatenate([condition, rest]))
+
+    hs.serve("last-frame:v1", baseline=predict, finetune_and_generate=predict)
     """
 )
 
@@ -83,12 +87,13 @@ def test_the_core_wheel_runs_a_sweep_outside_the_checkout_without_torch(core_ven
     assert not (project / "results.db").exists()
 
     write_videos(project / "videos", categories=("pan", "zoom"), per_category=1, frames=30)
-    (project / "predict.py").write_text(PREDICT)
+    (project / "serve.py").write_text(SERVER)
+    servers = Path(_run([str(hparray), "servers"], project).stdout.strip())
+    assert servers.is_relative_to(core_venv) and (servers / "hparray_serve.py").is_file()
     base = yaml.safe_load(shipped)
     base["data"].update(source="videos", num_videos=2, num_frames=30, height=32, width=32)
     base["baseline"]["condition_frames"] = 4
-    base["runner"] = {"name": "command", "command": [str(python), str(project / "predict.py"), "{video}",
-                                                     "{output_dir}", "{condition_frames}"]}
+    base["runner"] = {"name": "resident", "command": ["{python}", str(project / "serve.py")]}
     base["metrics"] = ["psnr", "ssim"]
     (project / "configs" / "base.yaml").write_text(yaml.safe_dump(base))
     (project / "configs" / "lr_search.yaml").write_text(
