@@ -15,32 +15,29 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from hparray.errors import ConfigError
+from hparray.fields import (
+    Bool,
+    Float,
+    Int,
+    Section,
+    Strings,
+    Text,
+    as_integer,
+    as_number,
+    as_text,
+    fix_note,
+    problem_error,
+    show_value,
+    slurm_seconds,
+)
 from hparray.metrics import METRICS
 
 HYPERPARAMETERS = ("lr", "condition_frames", "finetune_steps")
 
-# Slurm's time syntax, written once: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit.
-TIME_PATTERN = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d{2}))?(?::(\d{2}))?|UNLIMITED|INFINITE")
-
-
-def slurm_seconds(value: str) -> float:
-    """A Slurm time limit in seconds (inf for UNLIMITED); ValueError when it is not one."""
-    match = TIME_PATTERN.fullmatch(value.strip())
-    if match is None:
-        raise ValueError(f"{value!r} is not a Slurm time")
-    if match.group(2) is None:
-        return float("inf")
-    days, first, second, third = match.groups()
-    a, b, c = int(first), int(second or 0), int(third or 0)
-    if days is not None:  # D-HH[:MM[:SS]]
-        return int(days) * 86400 + a * 3600 + b * 60 + c
-    if third is not None:  # HH:MM:SS
-        return a * 3600 + b * 60 + c
-    return a * 60 + b  # MM[:SS]
 DEFAULT_PREFIX = {"lr": "lr", "condition_frames": "cf", "finetune_steps": "steps"}
 
 
@@ -62,72 +59,6 @@ _Loader.add_implicit_resolver(
 )
 
 
-# ---------------------------------------------------------------- value types with today's messages
-
-
-def _problem(problem: str, fix: str = "", key: str = "") -> PydanticCustomError:
-    """An error the formatter prints as `key problem: fix`; `key` names it when a whole-section
-    check raises it (pydantic then locates it at the section, not at the key it is about)."""
-    return PydanticCustomError("hparray", "{problem}", {"problem": problem, "fix": fix, "key": key})
-
-
-def _show(value: Any) -> str:
-    return repr(value) if not isinstance(value, (dict, list, tuple)) else type(value).__name__
-
-
-def _integer(value: Any) -> Any:
-    """Integers, and floats with an integral value (YAML `20.0`); never booleans or strings."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _problem(f"must be an integer, got {_show(value)}", "write an integer")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise _problem(f"must be an integer, got {_show(value)}", "write an integer")
-        return int(value)
-    return value
-
-
-def _number(value: Any) -> Any:
-    """Numbers, and strings that hold one ('1e-5' quoted, or read as text by another YAML tool)."""
-    if isinstance(value, bool):
-        raise _problem(f"must be a number, got {_show(value)}", "write a number")
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise _problem(f"must be a number, got {_show(value)}", "write a number") from None
-    if not isinstance(value, (int, float)):
-        raise _problem(f"must be a number, got {_show(value)}", "write a number")
-    return float(value)
-
-
-def _text(value: Any) -> Any:
-    if not isinstance(value, str):
-        raise _problem(f"must be a string, got {_show(value)}", "write a string")
-    return value
-
-
-def _strings(value: Any) -> Any:
-    if not isinstance(value, (list, tuple)):
-        raise _problem(f"must be a list, got {_show(value)}", "write a list")
-    if not all(isinstance(item, str) for item in value):
-        raise _problem("must be a list of strings", "quote every element")
-    return tuple(value)
-
-
-Int = Annotated[int, BeforeValidator(_integer)]
-Float = Annotated[float, BeforeValidator(_number)]
-Text = Annotated[str, BeforeValidator(_text)]
-Strings = Annotated[tuple[str, ...], BeforeValidator(_strings)]
-
-
-def _fix(text: str, **extra: Any) -> Any:
-    """Field metadata: the fix printed with any problem of this key (and, for Slurm, its directive)."""
-    return {"fix": text, **extra}
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
 
 # ---------------------------------------------------------------- base.yaml, one model per section
 
@@ -135,18 +66,19 @@ class Section(BaseModel):
 class Baseline(Section):
     """The point every search varies one factor around."""
 
-    lr: Float = Field(gt=0, json_schema_extra=_fix("use a positive learning rate such as 1e-5"))
-    condition_frames: Int = Field(ge=1, json_schema_extra=_fix("condition on at least 1 frame"))
-    finetune_steps: Int = Field(ge=0, json_schema_extra=_fix("use 0 or more steps"))
+    lr: Float = Field(gt=0, json_schema_extra=fix_note("use a positive learning rate such as 1e-5"))
+    condition_frames: Int = Field(ge=1, json_schema_extra=fix_note("condition on at least 1 frame"))
+    finetune_steps: Int = Field(ge=0, json_schema_extra=fix_note("use 0 or more steps"))
 
 
 class DataSettings(Section):
     """Where the videos come from, how many, and the geometry every runner sees."""
 
-    source: Text = Field(json_schema_extra=_fix("set data.source to 'sample', a folder of videos or a CSV manifest"))
+    source: Text = Field(
+        json_schema_extra=fix_note("set data.source to 'sample', a folder of videos or a CSV manifest"))
     num_videos: Int = Field(20, ge=1)
     stratify_by: Literal["category"] = Field(
-        "category", json_schema_extra=_fix("stratify by 'category' (the subfolder or manifest column)"))
+        "category", json_schema_extra=fix_note("stratify by 'category' (the subfolder or manifest column)"))
     num_frames: Int = Field(49, ge=2)
     height: Int = Field(64, ge=1)
     width: Int = Field(64, ge=1)
@@ -156,14 +88,15 @@ class RunnerSettings(Section):
     """Which runner produces the frames: `ltx`, `command` or `package.module:Class`."""
 
     name: Text = "ltx"
-    command: Strings = Field((), json_schema_extra=_fix("give the argv as a list, e.g. [python, infer.py, '{video}']"))
+    command: Strings = Field(
+        (), json_schema_extra=fix_note("give the argv as a list, e.g. [python, infer.py, '{condition_video}']"))
     timeout_s: Float = Field(3600.0, gt=0)
     start_timeout_s: Float = Field(1800.0, gt=0)  # resident: how long a server may take to load its model
 
     @model_validator(mode="after")
     def _command_given(self) -> RunnerSettings:
         if self.name in ("command", "resident") and not self.command:
-            raise _problem(f"is empty but runner.name is {self.name!r}",
+            raise problem_error(f"is empty but runner.name is {self.name!r}",
                            "give the script's argv as a list, e.g. [python, infer.py, --video, '{video}']",
                            key="runner.command")
         return self
@@ -178,13 +111,33 @@ class ModelSettings(Section):
     inference_steps: Int = Field(8, ge=1)
     guidance_scale: Float = Field(1.0, ge=1.0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trainable_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: Bool = False
+    prompt: Text | None = None
     frame_rate: Int = Field(25, ge=1)
+
+    @model_validator(mode="after")
+    def _trainable_holds_the_updates(self) -> ModelSettings:
+        if self.trainable_dtype not in ("float32", self.dtype):
+            raise problem_error(f"is {self.trainable_dtype} with model.dtype {self.dtype}",
+                           "keep the trainable weights in float32 (master weights), or in model.dtype",
+                           key="model.trainable_dtype")
+        if self.prompt is not None:
+            from hparray.runners.ltx.text import check_template
+
+            try:
+                check_template(self.prompt)
+            except ConfigError as err:
+                raise problem_error(str(err).removeprefix(f"model.prompt {self.prompt!r} "),
+                               "write a caption template such as 'a video of {category}'", key="model.prompt") from None
+        return self
 
 
 # The model settings that entered config hashes from the start; any later one enters a hash only
 # when it differs from its default, so configs that do not use it keep their hashes (and results).
 _HASHED_SINCE_0_1 = frozenset({"path", "finetune", "lora_rank", "inference_steps", "guidance_scale", "dtype",
                                "frame_rate"})
+_NEVER_HASHED = frozenset({"gradient_checkpointing"})  # same gradients, less memory: same results
 
 
 class TaskSettings(Section):
@@ -201,18 +154,18 @@ class TaskSettings(Section):
     @model_validator(mode="after")
     def _grace_outlasts_a_beat(self) -> TaskSettings:
         if self.heartbeat_grace_s < 2 * self.heartbeat_interval_s:
-            raise _problem(f"is {self.heartbeat_grace_s} s, under twice the heartbeat interval",
+            raise problem_error(f"is {self.heartbeat_grace_s} s, under twice the heartbeat interval",
                            "make the grace at least 2x tasks.heartbeat_interval_s so one late beat is not a death",
                            key="tasks.heartbeat_grace_s")
         return self
 
 
 def _slurm_time(value: Any) -> Any:
-    value = _text(value)
+    value = as_text(value)
     try:
         slurm_seconds(value)
     except ValueError:
-        raise _problem(f"is not a Slurm time, got {value!r}",
+        raise problem_error(f"is not a Slurm time, got {value!r}",
                        "write it as Slurm does: MM, HH:MM:SS or D-HH:MM:SS") from None
     return value
 
@@ -237,6 +190,7 @@ class SlurmSettings(Section):
     constraint: Text | None = Field(None, json_schema_extra=_sbatch("--constraint={}"))
     extra_directives: Strings = ()
     setup: Strings = ()
+    gpu_memory_gib: Float | None = Field(None, gt=0)
     workers: Int = Field(8, ge=1)
     throttle: Int = Field(8, ge=1)
     signal_grace_s: Int = Field(300, ge=1)
@@ -275,20 +229,20 @@ class Settings(Section):
         if isinstance(data, dict) and "metrics" in data:
             metrics = data["metrics"]
             if not isinstance(metrics, (list, tuple)):
-                raise _problem(f"must be a list, got {_show(metrics)}", f"list some of {', '.join(METRICS)}",
+                raise problem_error(f"must be a list, got {show_value(metrics)}", f"list some of {', '.join(METRICS)}",
                                key="metrics")
             if not metrics:
-                raise _problem("is empty", f"list at least one of {', '.join(METRICS)}", key="metrics")
+                raise problem_error("is empty", f"list at least one of {', '.join(METRICS)}", key="metrics")
             unknown = [m for m in metrics if m not in METRICS]
             if unknown:
-                raise _problem(f"contains {unknown[0]!r}", f"use some of {', '.join(METRICS)}", key="metrics")
+                raise problem_error(f"contains {unknown[0]!r}", f"use some of {', '.join(METRICS)}", key="metrics")
             data = {**data, "metrics": tuple(metrics)}
         return data
 
     @model_validator(mode="after")
     def _frames_left_to_score(self) -> Settings:
         if self.baseline.condition_frames >= self.data.num_frames:
-            raise _problem(f"is {self.baseline.condition_frames} but videos have data.num_frames "
+            raise problem_error(f"is {self.baseline.condition_frames} but videos have data.num_frames "
                            f"{self.data.num_frames}",
                            "condition on fewer frames than the video has, so some frames are left to score",
                            key="baseline.condition_frames")
@@ -296,14 +250,17 @@ class Settings(Section):
 
         problem = geometry_problem(self.runner.name, self.data.height, self.data.width)
         if problem:
-            raise _problem(problem[1], problem[2], key=problem[0])
+            raise problem_error(problem[1], problem[2], key=problem[0])
         return self
 
     def experiment_fingerprint(self) -> dict[str, Any]:
         """What, besides the hyperparameters, decides a task's result; part of every config hash."""
         model = self.model.model_dump()
         defaults = ModelSettings().model_dump()
-        model = {k: v for k, v in model.items() if k in _HASHED_SINCE_0_1 or v != defaults[k]}
+        model = {k: v for k, v in model.items()
+                 if k not in _NEVER_HASHED and (k in _HASHED_SINCE_0_1 or v != defaults[k])}
+        if self.model.dtype != "float32":  # before fp32 master weights, such rows trained in pure low precision
+            model["trainable_dtype"] = self.model.trainable_dtype
         return {
             "runner": {"name": self.runner.name, "command": list(self.runner.command)},
             "model": dict(sorted(model.items())),
@@ -336,8 +293,8 @@ class SearchFile(Section):
     """The shape of a `<name>_search.yaml`; its values are checked against the baseline after."""
 
     search: Text | None = None
-    parameter: Text = Field(json_schema_extra=_fix("name the factor, e.g. parameter: lr"))
-    values: list[Any] = Field(json_schema_extra=_fix("list the values to try, e.g. values: [1e-6, 1e-5, 1e-4]"))
+    parameter: Text = Field(json_schema_extra=fix_note("name the factor, e.g. parameter: lr"))
+    values: list[Any] = Field(json_schema_extra=fix_note("list the values to try, e.g. values: [1e-6, 1e-5, 1e-4]"))
     prefix: Text | None = None
     description: Text = ""
 
@@ -419,9 +376,9 @@ def explain(error: ValidationError, file: Path, model: type[BaseModel]) -> Confi
     elif kind == "literal_error":
         problem, fix = f"must be {ctx['expected']}, got {given!r}", fix or "use one of those"
     elif kind in ("model_type", "dict_type", "model_attributes_type"):
-        problem, fix = f"must be a mapping of keys, got {_show(given)}", "indent the keys under it"
+        problem, fix = f"must be a mapping of keys, got {show_value(given)}", "indent the keys under it"
     else:
-        problem, fix = f"{first['msg'].lower()}, got {_show(given)}", fix or "change the value"
+        problem, fix = f"{first['msg'].lower()}, got {show_value(given)}", fix or "change the value"
     return ConfigError(f"{file}: {key or 'top level'} {problem}: {fix or 'change the value'}")
 
 
@@ -432,7 +389,8 @@ def load_settings(config_dir: Path) -> Settings:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{file}: top level must be a mapping of keys, got {_show(data)}: indent the keys under it")
+        raise ConfigError(f"{file}: top level must be a mapping of keys, got {show_value(data)}: "
+                          "indent the keys under it")
     if "config_dir" in data:
         raise ConfigError(f"{file}: config_dir is not a known key: it is where base.yaml is, not a setting")
     try:
@@ -446,7 +404,8 @@ def load_search(file: Path, settings: Settings) -> Search:
     name = file.name[: -len("_search.yaml")]
     data = _read_yaml(file)
     if not isinstance(data, dict):
-        raise ConfigError(f"{file}: top level must be a mapping of keys, got {_show(data)}: indent the keys under it")
+        raise ConfigError(f"{file}: top level must be a mapping of keys, got {show_value(data)}: "
+                          "indent the keys under it")
     try:
         raw = SearchFile.model_validate(data)
     except ValidationError as err:
@@ -464,7 +423,7 @@ def load_search(file: Path, settings: Settings) -> Search:
     values: list[float | int] = []
     for i, item in enumerate(raw.values):
         try:
-            value: float | int = _number(item) if parameter == "lr" else _integer(item)
+            value: float | int = as_number(item) if parameter == "lr" else as_integer(item)
         except PydanticCustomError as err:
             raise ConfigError(f"{file}: values[{i}] {err.context['problem'] if err.context else err}: "
                               "fix that value") from None

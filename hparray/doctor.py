@@ -15,6 +15,7 @@ from hparray import slurm
 from hparray.config import Settings
 from hparray.environment import NETWORK_FILESYSTEMS
 from hparray.errors import HparrayError
+from hparray.gpu_memory import FIXES, memory_fit, refuse_if_too_large
 from hparray.metrics import lpips_weights_status, require_lpips
 from hparray.plan import model_description
 from hparray.runners import check_runner
@@ -37,11 +38,14 @@ class Check:
     fix: str = ""
 
 
-def before_submit(settings: Settings) -> None:
-    """Refuse to start a sweep that would fail on its first task."""
+def before_submit(settings: Settings, store: Store | None = None, *, local: bool = False) -> None:
+    """Refuse to start a sweep that would fail on its first task: a runner that cannot start,
+    LPIPS without its weights, rows that do not fit the GPU."""
     check_runner(settings)
     if "lpips" in settings.metrics:
         require_lpips()
+    if store is not None:
+        refuse_if_too_large(memory_fit(settings, store.largest_condition_frames(), local=local))
 
 
 def run_checks(settings: Settings | None, store_url: str | None, slurm_wanted: bool = True) -> list[Check]:
@@ -50,6 +54,7 @@ def run_checks(settings: Settings | None, store_url: str | None, slurm_wanted: b
     if settings is not None:
         checks.append(_lpips(settings))
         checks.append(_model(settings))
+        checks.extend(_memory(settings, store_url))
         checks.append(_disk(settings))
     checks.extend(_database(store_url))
     if slurm_wanted:
@@ -112,6 +117,28 @@ def _model(settings: Settings) -> Check:
     except HparrayError as err:
         return Check("runner", "fail", str(err), "fix runner or model in configs/base.yaml")
     return Check("runner", "ok", model_description(settings))
+
+
+def _memory(settings: Settings, store_url: str | None) -> list[Check]:
+    """The GPU memory of the heaviest row still to run (or of the baseline point, before a plan)."""
+    largest = {"finetune": settings.baseline.condition_frames}
+    try:
+        store = Store.open(store_url, create=False)
+        try:
+            largest = store.largest_condition_frames() or largest
+        finally:
+            store.close()
+    except HparrayError:
+        pass  # no sweep yet
+    try:
+        fit = memory_fit(settings, largest, local=False)
+    except HparrayError as err:
+        return [Check("gpu memory", "warn", f"cannot estimate: {err}")]
+    if fit is None:
+        return []
+    state = {True: "ok", False: "fail", None: "warn"}[fit.fits]
+    fix = "" if fit.fits else "set slurm.gpu_memory_gib" if fit.fits is None else ", or ".join(FIXES)
+    return [Check("gpu memory", state, fit.line(), fix)]
 
 
 def _disk(settings: Settings) -> Check:

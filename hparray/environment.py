@@ -57,6 +57,28 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
+def visible_gpu_memory_gib() -> float | None:
+    """Total memory of the smallest GPU this process sees (`nvidia-smi`), None without one."""
+    if not visible_gpus() or shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    wanted = {gpu.strip() for gpu in listed.split(",")} if listed is not None else None
+    sizes = []
+    for line in out.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) == 3 and (wanted is None or parts[0] in wanted or parts[1] in wanted):
+            try:
+                sizes.append(float(parts[2]) / 1024)
+            except ValueError:
+                continue
+    return min(sizes) if sizes else None
+
+
 def default_device() -> str:
     """'cuda' when this process sees a GPU, else 'cpu'; torch is imported only when a GPU may be
     there, so workers of light runners start in a second rather than five."""

@@ -18,9 +18,9 @@ import numpy as np
 
 from hparray.config import Settings
 from hparray.environment import default_device
-from hparray.errors import RunnerError
+from hparray.errors import HparrayError, RunnerError
 from hparray.metrics import Scorer, trivial_prediction
-from hparray.plan import config_hash, task_seed
+from hparray.plan import config_hash, sampled_videos, task_seed
 from hparray.runners import Clip, Hyperparams, Runner
 from hparray.runners.protocol import build_runner, runner_identity
 from hparray.tasks import ClaimedTask, TaskOutcome
@@ -38,6 +38,7 @@ class Experiment:
         self.runner = runner or build_runner(settings, self.device)
         self.scorer = Scorer(list(settings.metrics), self.device)
         self._load_s = 0.0
+        self._prepared = False
         self._videos: OrderedDict[str, np.ndarray] = OrderedDict()
         self._links: dict[str, list[Path]] = {}  # staged folder -> the other folders that link to it
 
@@ -46,7 +47,22 @@ class Experiment:
         before the next claim); the time is charged to the next task."""
         started = time.perf_counter()
         self.runner.load()
+        if not self._prepared:
+            self._prepared = True
+            self._prepare()
         self._load_s += time.perf_counter() - started
+
+    def _prepare(self) -> None:
+        """Hand the runner the sweep's videos once (the `ltx` runner encodes their prompts)."""
+        prepare = getattr(self.runner, "prepare", None)
+        if not callable(prepare):
+            return
+        try:
+            videos = sampled_videos(self.settings)
+        except HparrayError as err:  # each row then prepares its own video
+            log.warning("cannot list the sweep's videos to prepare them up front: %s", err)
+            return
+        prepare(videos)
 
     def close(self) -> None:
         """Let go of the model (a resident server is told to shut down)."""

@@ -57,6 +57,13 @@ class Plan:
     def gpu_hours(self, tasks: list[TaskSpec] | None = None) -> float:
         return sum(task.estimate_s for task in (self.tasks if tasks is None else tasks)) / 3600.0
 
+    def largest_condition_frames(self) -> dict[str, int]:
+        """{kind: the most conditioning frames of a planned row of that kind} (memory grows with them)."""
+        largest: dict[str, int] = {}
+        for config in self.configs:
+            largest[config.kind] = max(largest.get(config.kind, 0), config.hp.condition_frames)
+        return largest
+
     def config_rows(self) -> list[dict[str, Any]]:
         return [{"hash": c.hash, "kind": c.kind, "lr": c.hp.lr if c.kind == "finetune" else None,
                  "condition_frames": c.hp.condition_frames,
@@ -112,10 +119,15 @@ def task_seed(settings_seed: int, video_seed_value: int) -> int:
 
 def select_videos(settings: Settings, cache_dir: Path | None = None) -> list[VideoRef]:
     """The sweep's videos: stratified sample of the source, every one checked for length."""
-    pool = list_videos(settings.data.source, config_dir=settings.config_dir, cache_dir=cache_dir)
-    chosen = stratified_sample(pool, settings.data.num_videos, settings.seed, settings.data.stratify_by)
+    chosen = sampled_videos(settings, cache_dir)
     check_videos(chosen, settings.data.num_frames)
     return chosen
+
+
+def sampled_videos(settings: Settings, cache_dir: Path | None = None) -> list[VideoRef]:
+    """The sweep's videos as the plan chose them, without reading any (what workers prepare for)."""
+    pool = list_videos(settings.data.source, config_dir=settings.config_dir, cache_dir=cache_dir)
+    return stratified_sample(pool, settings.data.num_videos, settings.seed, settings.data.stratify_by)
 
 
 def build_plan(sweep: SweepConfig, which: str, videos: list[VideoRef]) -> Plan:

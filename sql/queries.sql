@@ -251,6 +251,13 @@ SELECT search, config_hash, name, parameter, value, is_baseline FROM search_conf
 -- name: task_totals
 SELECT status, COUNT(*) AS n FROM tasks GROUP BY status;
 
+-- name: largest_unfinished_condition_frames
+-- The most conditioning frames of a row still to run, by kind: the row whose memory submit checks.
+SELECT t.kind, MAX(c.condition_frames) AS condition_frames
+  FROM tasks AS t JOIN configs AS c ON c.hash = t.config_hash
+ WHERE t.status IN ('pending', 'running')
+ GROUP BY t.kind;
+
 -- name: blocked_tasks
 -- Pending rows whose dependency ended without a result (failed for good, or diverged): claim needs
 -- it 'done', so they can never run until it is retried. Counting only 'failed' left the rows of a

@@ -67,6 +67,7 @@ def plan(ctx: Context, which: str, dry_run: bool) -> None:
     is one set of rows, and the un-fine-tuned inference is one row per (video,
     condition_frames). Planning again adds only what is missing and never touches finished rows.
     """
+    from hparray.gpu_memory import memory_fit
     from hparray.plan import apply, build_plan, existing_rows, model_description, select_videos
     from hparray.runners import check_runner
 
@@ -84,8 +85,9 @@ def plan(ctx: Context, which: str, dry_run: bool) -> None:
         counts = apply(store, result, time.time())
     new_tasks = render.new_rows(result, existing)
     console.print(render.plan_table(which, result))
+    fit = memory_fit(sweep.settings, result.largest_condition_frames(), local=False)
     for line in render.plan_lines(result, videos, sweep.settings.data.source, model_description(sweep.settings),
-                                  len(searches)):
+                                  len(searches), fit):
         console.print(line)
     if dry_run:
         console.print(f"[bold]dry run[/]: would add {len(new_tasks)} rows, {len(result.tasks) - len(new_tasks)} "
@@ -158,7 +160,7 @@ def submit(ctx: Context, local: bool, workers: int | None, partition: str | None
     console.print(backend.message)
     settings = ctx.settings()
     store = ctx.store(create=False)
-    before_submit(settings)
+    before_submit(settings, store, local=not backend.slurm)
     if backend.slurm:
         submission = slurm.submit(settings, store, worker_command=[sys.executable, "-m", "hparray",
                                                                    *ctx.global_args(store), "worker"],

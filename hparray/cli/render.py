@@ -19,6 +19,7 @@ from hparray.status import SweepStatus
 
 if TYPE_CHECKING:  # numpy and scipy come with these: imported only by the commands that need them
     from hparray.doctor import Check
+    from hparray.gpu_memory import MemoryFit
     from hparray.plan import Plan
     from hparray.report import Report
     from hparray.tasks import TaskSpec
@@ -40,13 +41,17 @@ def plan_table(which: str, result: Plan) -> Table:
     return table
 
 
-def plan_lines(result: Plan, videos: list[VideoRef], source: str, model: str, searches: int) -> list[str]:
+def plan_lines(result: Plan, videos: list[VideoRef], source: str, model: str, searches: int,
+               fit: MemoryFit | None = None) -> list[str]:
     categories = Counter(v.category for v in videos)
     kinds = Counter(t.kind for t in result.tasks)
-    return [f"videos: {len(videos)} from {source!r} ({', '.join(f'{k} {n}' for k, n in sorted(categories.items()))})",
-            f"model: {model}",
-            f"rows: {len(result.tasks)} ({kinds['finetune']} fine-tune, {kinds['baseline']} baseline inference) "
-            f"for {searches} search(es)"]
+    lines = [f"videos: {len(videos)} from {source!r} ({', '.join(f'{k} {n}' for k, n in sorted(categories.items()))})",
+             f"model: {model}",
+             f"rows: {len(result.tasks)} ({kinds['finetune']} fine-tune, {kinds['baseline']} baseline inference) "
+             f"for {searches} search(es)"]
+    if fit is not None:
+        lines.append(f"GPU memory: {fit.line()}")
+    return lines
 
 
 def new_rows(result: Plan, existing: set[tuple[str, str]]) -> list[TaskSpec]:

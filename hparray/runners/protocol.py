@@ -61,6 +61,25 @@ class Generation:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """GPU memory of a row, estimated before anything runs: the parts (name, GiB), the peak of a
+    fine-tune row, of a baseline inference and of prompt encoding, and the overall peak in GiB
+    with the CUDA context counted."""
+
+    parts: tuple[tuple[str, float], ...]
+    finetune_gib: float
+    inference_gib: float
+    encoding_gib: float
+    peak_gib: float
+    baseline_peak_gib: float
+    summary: str
+
+    def breakdown(self) -> str:
+        """The nonzero parts, one phrase each."""
+        return ", ".join(f"{name} {gib:.2f}" for name, gib in self.parts if gib > 0)
+
+
 @runtime_checkable
 class Runner(Protocol):
     """An experiment implementation; constructed with (runner_settings, model_settings, device).
@@ -73,7 +92,11 @@ class Runner(Protocol):
       (the built-in weights' digest, a server's model); it enters every config hash;
     - `describe() -> str`: one line for the plan shown before anything runs;
     - a classmethod `geometry_problem(height, width) -> (key, problem, fix) | None`: frame sizes
-      this runner cannot take (checked when the configs load, for the built-in runners).
+      this runner cannot take (checked when the configs load, for the built-in runners);
+    - `memory_estimate(height, width, num_frames, condition_frames) -> MemoryEstimate | None`: the
+      GPU memory of a row, so `plan`, `doctor` and `submit` can say whether it fits;
+    - `prepare(videos)`: once after `load`, with the sweep's videos, for work shared by all rows
+      of a video (the `ltx` runner encodes each video's prompt there).
     """
 
     def load(self) -> None:
@@ -112,6 +135,16 @@ def runner_identity(runner: Any) -> str | None:
     """The runner's model identity (see `Runner`), or None when the settings say it all."""
     identity = getattr(runner, "identity", None)
     return identity() if callable(identity) else None
+
+
+def memory_estimate(settings: Settings, condition_frames: int) -> MemoryEstimate | None:
+    """The runner's estimate of a row's GPU memory at the sweep's geometry, if it makes one."""
+    estimate = getattr(build_runner(settings), "memory_estimate", None)
+    if not callable(estimate):
+        return None
+    data = settings.data
+    result = estimate(data.height, data.width, data.num_frames, condition_frames)
+    return result if isinstance(result, MemoryEstimate) else None
 
 
 def describe_runner(settings: Settings) -> str:

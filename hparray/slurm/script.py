@@ -15,8 +15,9 @@ from pathlib import Path
 
 import jinja2
 
-from hparray.config import TIME_PATTERN, Settings, SlurmSettings
+from hparray.config import Settings, SlurmSettings
 from hparray.errors import BadInput
+from hparray.fields import TIME_PATTERN
 
 TEMPLATE = "worker.sbatch.j2"
 

@@ -6,7 +6,8 @@ It imports nothing above it (only `hparray.errors`, `hparray.tasks`, `hparray.en
 
 from hparray.store.migrate import migration_files
 from hparray.store.records import PlanCounts, ReapReport, TaskCounts
-from hparray.store.store import DEFAULT_DB, Store, redact_url, resolve_url
+from hparray.store.store import Store
+from hparray.store.urls import DEFAULT_DB, redact_url, resolve_url
 
 __all__ = ["DEFAULT_DB", "PlanCounts", "ReapReport", "Store", "TaskCounts", "migration_files", "redact_url",
            "resolve_url"]

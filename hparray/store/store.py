@@ -40,35 +40,15 @@ from hparray.store.records import (
     SubmissionRecord,
     TaskCounts,
 )
+from hparray.store.urls import resolve_url
 from hparray.tasks import STATUSES, ClaimedTask, TaskOutcome, TaskSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DB = "results.db"
 R = TypeVar("R")
 # text() re-parses its bind parameters with a regex on every call; the named statements are
 # built once per dialect instead (a TextClause is immutable and safe to share between threads).
 _CLAUSES: dict[str, TextClause] = {}
-
-
-def resolve_url(db: str | None) -> str:
-    """`--db` / `HPARRAY_DB` / `./results.db`; a bare path means an SQLite file."""
-    db = db or os.environ.get("HPARRAY_DB") or DEFAULT_DB
-    if "://" not in db:
-        return f"sqlite:///{Path(db).expanduser().resolve()}"
-    if db.startswith("postgresql://") or db.startswith("postgres://"):
-        # SQLAlchemy's default PostgreSQL driver is psycopg2; hparray ships psycopg 3.
-        db = "postgresql+psycopg://" + db.split("://", 1)[1]
-    return db
-
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, fit for a terminal or a JSON file."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except exc.ArgumentError:
-        return url
 
 
 class Store:
@@ -96,9 +76,8 @@ class Store:
         try:
             parsed = make_url(url)
         except exc.ArgumentError:
-            raise StoreUnreachable(
-                f"--db {url!r} is not a database URL: use a file path or e.g. postgresql://user@host/db"
-            ) from None
+            raise StoreUnreachable(f"--db {url!r} is not a database URL: use a file path or e.g. "
+                                   "postgresql://user@host/db") from None
         if parsed.get_backend_name() == "sqlite":
             store = cls._open_sqlite(parsed.database or "", create)
         else:
@@ -152,10 +131,8 @@ class Store:
         return StoreUnreachable(f"cannot use database {self.url}: {message}: start the server or fix --db / HPARRAY_DB")
 
     def _locked(self) -> StoreError:
-        return StoreError(
-            f"{self.url} stayed locked by another process for over {sqlite.SQLITE_BUSY_TIMEOUT_S:.0f} s: "
-            "find the process holding it (fuser) or try again"
-        )
+        return StoreError(f"{self.url} stayed locked by another process for over {sqlite.SQLITE_BUSY_TIMEOUT_S:.0f} "
+                          "s: find the process holding it (fuser) or try again")
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -446,6 +423,11 @@ class Store:
             by_status = {row.status: row.n for row in self._run(conn, "task_totals")}
             blocked = int(self._run(conn, "blocked_tasks").scalar() or 0)
         return TaskCounts(**{s: int(by_status.get(s, 0)) for s in STATUSES}, blocked=blocked)
+
+    def largest_condition_frames(self) -> dict[str, int]:
+        """{kind: the most conditioning frames of an unfinished row of that kind}."""
+        with self._read() as conn:
+            return {r.kind: int(r.condition_frames) for r in self._run(conn, "largest_unfinished_condition_frames")}
 
     def task_status(self, task_id: int) -> str | None:
         return self._value("task_status", {"task_id": task_id})

@@ -129,6 +129,26 @@ def layout_tokens(
     return torch.cat(tokens, dim=1), video_coords, image_tokens
 
 
+def training_tokens(pipe: Any, frames: np.ndarray, condition_frames: int, generator: torch.Generator,
+                    frame_rate: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Clean latent tokens of the conditioning frames, laid out as the pipeline lays them out.
+
+    Returns (tokens (1, S, C), coordinates (1, 3, S) already divided by the frame rate,
+    the number of single-frame tokens, the number of latent frames of the video prefix).
+    """
+    import torch
+
+    _, height, width, _ = frames.shape
+    plan = conditioning_plan(condition_frames, pipe.vae_temporal_compression_ratio)
+    with torch.no_grad():
+        images = [(i, encode_latents(pipe, pipe.video_processor.preprocess(frames[i], height, width).unsqueeze(2),
+                                     generator)) for i in plan.leftover]
+        pixels = pipe.video_processor.preprocess_video(frames[: plan.prefix], height, width)
+        prefix = encode_latents(pipe, pixels, generator)
+    tokens, coords, image_tokens = layout_tokens(pipe, prefix, images, frame_rate)
+    return tokens, coords, image_tokens, prefix.shape[2]
+
+
 def flow_matching_loss(
     transformer: Any,
     clean: torch.Tensor,
@@ -136,19 +156,22 @@ def flow_matching_loss(
     sigma: torch.Tensor,
     is_clean: torch.Tensor,
     coords: torch.Tensor,
+    prompt: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The rectified-flow loss the pipeline's Euler sampler integrates, on the noisy tokens only.
 
     clean/noise (B, S, C), sigma (B,), is_clean (B, S): clean tokens stay as they are at
     timestep 0 (as the pipeline keeps its conditions); the others become
     x_t = (1 - sigma) x0 + sigma noise at timestep sigma*1000, and the target is noise - x0.
+    `prompt` is (embeddings, mask) of the video's prompt; None means the all-zero prompt of a
+    model without a text encoder.
     """
     import torch
 
     sigma = sigma.to(clean.device).view(-1, 1, 1)
     noisy = torch.where(is_clean[..., None], clean, (1 - sigma) * clean + sigma * noise)
     timestep = torch.where(is_clean, 0.0, sigma[..., 0] * 1000.0)
-    embeds, mask = empty_prompt(transformer, clean.device, clean.shape[0])
+    embeds, mask = prompt if prompt is not None else empty_prompt(transformer, clean.device, clean.shape[0])
     pred = transformer(
         hidden_states=noisy.to(transformer.dtype),
         encoder_hidden_states=embeds,

@@ -76,8 +76,10 @@ def tiny_modules() -> tuple[Any, Any]:
     return transformer, vae
 
 
-def load_pipeline(path: Path, dtype: torch.dtype | None = None) -> LTXConditionPipeline:
-    """A diffusers-layout LTX-Video checkpoint, without text encoder, ready for bit-exact CPU runs.
+def load_pipeline(path: Path, dtype: torch.dtype | dict[str, torch.dtype] | None = None) -> LTXConditionPipeline:
+    """A diffusers-layout LTX-Video checkpoint, without its text encoder (`text.PromptEncoder`
+    loads that only to encode prompts), ready for bit-exact CPU runs. `dtype` may name one per
+    component ({"transformer": ..., "default": ...}), so fp32 master weights are read as such.
 
     safetensors hands back views into the file at whatever alignment the header leaves, and
     CPU kernels round differently on unaligned data (2e-7 here); giving every tensor its own
