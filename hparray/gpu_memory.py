@@ -49,7 +49,7 @@ class MemoryFit:
         if self.capacity_gib is None:
             return f"{head}; set slurm.gpu_memory_gib so submit checks it against the GPU"
         verdict = "fits" if self.fits else "does NOT fit"
-        return f"{head}; {verdict} the {self.capacity_gib:.0f} GiB GPU ({self.capacity_source})"
+        return f"{head}; {verdict} the {self.capacity_gib:.3g} GiB GPU ({self.capacity_source})"
 
 
 def memory_fit(settings: Settings, largest: dict[str, int], *, local: bool) -> MemoryFit | None:

@@ -41,6 +41,10 @@ echo "== resident model vs one process per task (bench/bench_resident.py)"
 "$PY" -m bench.bench_resident "${resident[@]}"
 echo "== a slow-loading model: resident server vs command runner (bench/bench_server.py)"
 "$PY" -m bench.bench_server "${server[@]}"
+if [[ "${BENCH_QUICK:-0}" != 1 ]]; then
+  echo "== LTX-Video's 2 B architecture on the CPU (bench/bench_ltx_2b.py; ~10 GiB)"
+  "$PY" -m bench.bench_ltx_2b
+fi
 echo "== the shipped demo model on held-out videos (bench/bench_demo_model.py)"
 "$PY" -m bench.bench_demo_model "${demo_model[@]}"
 echo "== done in $(( $(date +%s) - started )) s; results in bench/out/; load: $(uptime)"
