@@ -29,10 +29,21 @@ def configs() -> Traversable:
     return files("hparray.configs")
 
 
-def write_starter_configs(project: Path, force: bool = False) -> list[Path]:
+def examples() -> list[str]:
+    """The names of the shipped example base.yaml files (configs/examples/NAME.yaml)."""
+    return sorted(f.name.removesuffix(".yaml") for f in configs().joinpath("examples").iterdir()
+                  if f.name.endswith(".yaml"))
+
+
+def write_starter_configs(project: Path, force: bool = False, example: str | None = None) -> list[Path]:
     """Copy the shipped, commented configs (base.yaml and the three searches) into
-    `project/configs/`; refuses to overwrite a file unless `force`. Returns the files written."""
+    `project/configs/`, base.yaml from configs/examples/`example`.yaml when given; refuses to
+    overwrite a file unless `force`. Returns the files written."""
+    if example is not None and example not in examples():
+        raise ConfigError(f"--example {example!r} is not a shipped example: use one of {', '.join(examples())}")
     shipped = sorted((f for f in configs().iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+    if example is not None:
+        shipped = [configs().joinpath("examples", f"{example}.yaml") if f.name == "base.yaml" else f for f in shipped]
     target = Path(project) / "configs"
     existing = [target / f.name for f in shipped if (target / f.name).exists()]
     if existing and not force:
@@ -41,8 +52,9 @@ def write_starter_configs(project: Path, force: bool = False) -> list[Path]:
         target.mkdir(parents=True, exist_ok=True)
         written = []
         for f in shipped:
-            (target / f.name).write_text(f.read_text())
-            written.append(target / f.name)
+            name = "base.yaml" if f.name == f"{example}.yaml" else f.name
+            (target / name).write_text(f.read_text())
+            written.append(target / name)
     except OSError as exc:
         raise ConfigError(f"cannot write {target} ({exc.strerror}): choose a folder you can write") from None
     return written

@@ -27,7 +27,10 @@ from hparray.store import TaskCounts
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path), default=Path("."), required=False)
 @click.option("--force", is_flag=True, help="Overwrite starter config files that already exist.")
-def init(folder: Path, force: bool) -> None:
+@click.option("--example", metavar="NAME", default=None,
+              help="Start base.yaml from a shipped example instead: opensora_v1_3 (Open-Sora v1.3 as a resident "
+                   "server).")
+def init(folder: Path, force: bool, example: str | None) -> None:
     """Start a project: write commented starter configs into FOLDER/configs/ (default: here).
 
     base.yaml (baseline, data, runner, model, metrics, tasks, Slurm) and the three searches
@@ -36,7 +39,7 @@ def init(folder: Path, force: bool) -> None:
     """
     from hparray.resources import write_starter_configs
 
-    written = write_starter_configs(folder, force=force)
+    written = write_starter_configs(folder, force=force, example=example)
     console.print(f"wrote {len(written)} files to {written[0].parent}: {', '.join(p.name for p in written)}")
     console.print("next: edit configs/base.yaml (data.source, runner, model, slurm), then "
                   "[bold]hparray plan --search lr --dry-run[/]" + (f" in {folder}" if str(folder) != "." else ""))

@@ -22,7 +22,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def project_with(make_project: Callable[..., Project], checkpoint: Path, gpu_gib: float) -> Project:
     return make_project(lr_values=[1e-5, 1e-4], per_category=1, frames=17, **{
-        "runner": {"name": "ltx"}, "model": {"path": str(checkpoint), "inference_steps": 2}, "metrics": ["psnr"], "data.num_frames": 17,
+        "runner": {"name": "ltx"}, "model": {"path": str(checkpoint), "inference_steps": 2}, "metrics": ["psnr"],
+        "data.num_frames": 17,
         "data.height": 32, "data.width": 32, "baseline": {"lr": 1e-4, "condition_frames": 9, "finetune_steps": 2},
         "slurm.gpu_memory_gib": gpu_gib})
 
