@@ -111,9 +111,13 @@ class Experiment:
                 shape = None if generation.frames is None else generation.frames.shape
                 raise RunnerError(f"runner returned frames of shape {shape}, expected {truth.shape}")
             scoring = time.perf_counter()
-            outcome.metrics = self.scorer.score(generation.frames, truth, cf)
+            frames = self.scorer.score_frames(generation.frames, truth, cf)
+            outcome.metrics = {name: float(np.mean(values)) for name, values in frames.items()}
+            outcome.per_frame = {"first_frame": cf, **frames}
             if task.kind == "baseline":
-                outcome.trivial_metrics = self.scorer.score(trivial_prediction(truth, cf), truth, cf)
+                trivial = self.scorer.score_frames(trivial_prediction(truth, cf), truth, cf)
+                outcome.trivial_metrics = {name: float(np.mean(values)) for name, values in trivial.items()}
+                outcome.per_frame.update({f"trivial_{name}": values for name, values in trivial.items()})
             timings["metrics"] = time.perf_counter() - scoring
             outcome.lpips_weights = self.scorer.lpips_weights
             if artifact_dirs:

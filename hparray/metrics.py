@@ -208,6 +208,13 @@ class Scorer:
         self, pred_video: np.ndarray, truth_video: np.ndarray, condition_frames: int
     ) -> dict[str, float]:
         """Mean per-frame scores over frames [condition_frames:], never the conditioning frames."""
+        return {name: float(np.mean(values)) for name, values in
+                self.score_frames(pred_video, truth_video, condition_frames).items()}
+
+    def score_frames(
+        self, pred_video: np.ndarray, truth_video: np.ndarray, condition_frames: int
+    ) -> dict[str, list[float]]:
+        """Each metric of each frame from `condition_frames` on (frame condition_frames first)."""
         pred = _check_video("predicted", pred_video)
         truth = _check_video("ground-truth", truth_video)
         if pred.shape != truth.shape:
@@ -220,13 +227,13 @@ class Scorer:
                 f"{truth.shape[0]}-frame video"
             )
         pred, truth = pred[condition_frames:], truth[condition_frames:]
-        scores: dict[str, float] = {}
+        scores: dict[str, list[float]] = {}
         if "psnr" in self.metrics:
-            scores["psnr"] = float(np.mean([psnr(p, t) for p, t in zip(pred, truth)]))
+            scores["psnr"] = [psnr(p, t) for p, t in zip(pred, truth)]
         if "ssim" in self.metrics:
-            scores["ssim"] = float(np.mean([ssim(p, t) for p, t in zip(pred, truth)]))
+            scores["ssim"] = [ssim(p, t) for p, t in zip(pred, truth)]
         if "lpips" in self.metrics:
-            scores["lpips"] = float(np.mean(self._lpips_per_frame(pred, truth)))
+            scores["lpips"] = [float(v) for v in self._lpips_per_frame(pred, truth)]
         return scores
 
     def _lpips_per_frame(self, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

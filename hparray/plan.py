@@ -36,6 +36,7 @@ class PlannedConfig:
     params: dict[str, Any]
     names: dict[str, str] = field(default_factory=dict)  # search -> name in that search
     baseline_in: set[str] = field(default_factory=set)  # searches where this is the baseline point
+    values: dict[str, float] = field(default_factory=dict)  # search -> its value, when not an hp (confirm)
 
     @property
     def label(self) -> str:
@@ -77,7 +78,8 @@ class Plan:
                 if search.name in config.names:
                     rows.append({"search": search.name, "config_hash": config.hash,
                                  "name": config.names[search.name], "parameter": search.parameter,
-                                 "value": float(getattr(config.hp, search.parameter)),
+                                 "value": float(config.values[search.name] if search.name in config.values
+                                                else getattr(config.hp, search.parameter)),
                                  "is_baseline": int(search.name in config.baseline_in)})
         return rows
 
@@ -146,9 +148,16 @@ def build_plan(sweep: SweepConfig, which: str, videos: list[VideoRef]) -> Plan:
             config.names[search.name] = f"{search.prefix}_{format_value(value)}"
             if value == getattr(base, search.parameter):
                 config.baseline_in.add(search.name)
+    return plan_rows(settings, searches, list(finetunes.values()), videos)
 
+
+def plan_rows(settings: Settings, searches: list[Search], finetunes: list[PlannedConfig],
+              videos: list[VideoRef]) -> Plan:
+    """The rows of these fine-tune configs on these videos, and the un-fine-tuned inference rows
+    (one per video and condition_frames) they are compared with and wait for."""
+    identity = runner_identity(build_runner(settings))
     baselines: dict[int, PlannedConfig] = {}
-    for config in finetunes.values():
+    for config in finetunes:
         cf = config.hp.condition_frames
         if cf not in baselines:
             hp = Hyperparams(lr=0.0, condition_frames=cf, finetune_steps=0)
@@ -165,8 +174,8 @@ def build_plan(sweep: SweepConfig, which: str, videos: list[VideoRef]) -> Plan:
     tasks += [TaskSpec(config_hash=c.hash, video=v.name, kind="finetune", priority=FINETUNE_PRIORITY,
                        estimate_s=finetune_s,
                        depends_on=(baselines[c.hp.condition_frames].hash, v.name))
-              for v in videos for c in finetunes.values()]
-    configs = sorted(baselines.values(), key=lambda c: c.hp.condition_frames) + list(finetunes.values())
+              for v in videos for c in finetunes]
+    configs = sorted(baselines.values(), key=lambda c: c.hp.condition_frames) + list(finetunes)
     return Plan(settings=settings, searches=searches, configs=configs, videos=videos, tasks=tasks)
 
 

@@ -55,4 +55,5 @@ class TaskOutcome:
     lpips_weights: str | None = None
     artifact_dir: str | None = None  # where the artifacts are once published (recorded with the result)
     details: dict[str, Any] = field(default_factory=dict)
+    per_frame: dict[str, Any] = field(default_factory=dict)  # {"first_frame": cf, metric: [...], trivial_...}
     staged_dir: str | None = None  # this attempt's private copy, published only if it wins its finish

@@ -20,12 +20,14 @@ if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
   overhead=(--videos 1 --steps 2 --no-360p)
   resident=(--tasks 2 --steps 2)
   server=(--videos 2 --load-s 1)
+  verdicts=(--sweeps 50)
   demo_model=(--videos 4 --lrs 1e-6,1e-4)
 else
   claims=()
   overhead=()
   resident=()
   server=()
+  verdicts=()
   demo_model=()
 fi
 
@@ -45,6 +47,8 @@ if [[ "${BENCH_QUICK:-0}" != 1 ]]; then
   echo "== LTX-Video's 2 B architecture on the CPU (bench/bench_ltx_2b.py; ~10 GiB)"
   "$PY" -m bench.bench_ltx_2b
 fi
+echo "== the report's verdicts on simulated sweeps (bench/bench_verdicts.py)"
+"$PY" -m bench.bench_verdicts "${verdicts[@]}"
 echo "== the shipped demo model on held-out videos (bench/bench_demo_model.py)"
 "$PY" -m bench.bench_demo_model "${demo_model[@]}"
 echo "== done in $(( $(date +%s) - started )) s; results in bench/out/; load: $(uptime)"

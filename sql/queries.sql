@@ -151,10 +151,10 @@ UPDATE tasks
 -- name: insert_result
 INSERT INTO results (task_id, attempt_id, status, psnr, ssim, lpips, trivial_psnr, trivial_ssim,
                      trivial_lpips, load_s, finetune_s, inference_s, metrics_s, wall_s, peak_memory_mb,
-                     lpips_weights, artifact_dir, details, recorded_at)
+                     lpips_weights, artifact_dir, details, per_frame, recorded_at)
 SELECT :task_id, a.id, :status, :psnr, :ssim, :lpips, :trivial_psnr, :trivial_ssim, :trivial_lpips,
        :load_s, :finetune_s, :inference_s, :metrics_s, :wall_s, :peak_memory_mb, :lpips_weights,
-       :artifact_dir, :details, :now
+       :artifact_dir, :details, :per_frame, :now
   FROM attempts AS a WHERE a.lease = :lease;
 
 -- name: fail_task
@@ -314,7 +314,7 @@ SELECT t.id AS task_id, t.kind, t.status, t.video, t.config_hash,
        v.category, v.path AS video_path,
        sc.search, sc.name, sc.parameter, sc.value, sc.is_baseline,
        r.psnr, r.ssim, r.lpips, r.trivial_psnr, r.trivial_ssim, r.trivial_lpips,
-       r.finetune_s, r.inference_s, r.wall_s, r.artifact_dir,
+       r.finetune_s, r.inference_s, r.wall_s, r.artifact_dir, r.per_frame,
        d.status AS depends_status
   FROM tasks AS t
   JOIN configs AS c ON c.hash = t.config_hash

@@ -60,7 +60,8 @@ def servers() -> None:
 
 @cli.command()
 @click.option("--search", "which", required=True, metavar="NAME",
-              help="Which search to plan: lr, condition_frames, steps (a *_search.yaml name) or all.")
+              help="Which search to plan: lr, condition_frames, steps (a *_search.yaml name), all, or confirm "
+                   "(once all are finished: their best values together, against the baseline).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @pass_context
 def plan(ctx: Context, which: str, dry_run: bool) -> None:
@@ -70,16 +71,22 @@ def plan(ctx: Context, which: str, dry_run: bool) -> None:
     is one set of rows, and the un-fine-tuned inference is one row per (video,
     condition_frames). Planning again adds only what is missing and never touches finished rows.
     """
+    from hparray.confirm import CONFIRM, combination, confirm_plan
     from hparray.gpu_memory import memory_fit
     from hparray.plan import apply, build_plan, existing_rows, model_description, select_videos
     from hparray.runners import check_runner
 
     sweep = ctx.sweep()
-    searches = sweep.select(which)
+    combo = combination(sweep, ctx.store(create=False)) if which == CONFIRM else None
+    searches = sweep.select(which) if combo is None else []
     check_runner(sweep.settings)
     with console.status("choosing and checking videos..."):
         videos = select_videos(sweep.settings)
-    result = build_plan(sweep, which, videos)
+    result = build_plan(sweep, which, videos) if combo is None else confirm_plan(sweep, videos, combo)
+    if combo is not None:
+        searches = result.searches
+        console.print(f"confirm: {' + '.join(combo.chosen.values())} (each search's best {combo.metric}) together, "
+                      "against the baseline config, on the same videos")
     if dry_run:
         existing = existing_rows(ctx.db)
     else:

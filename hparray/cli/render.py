@@ -230,7 +230,21 @@ def render_report(r: Report) -> list[RenderableType]:
         for metric in r.metrics:
             if metric in s.best:
                 best = s.best[metric]
-                parts.append(f"  [{'green' if best.significant else 'yellow'}]{best.statement}[/]")
+                parts.append(f"  [{'green' if best.significant else 'yellow'}]{escape(best.statement)}[/]")
+        if s.common_window is not None:
+            w = s.common_window
+            parts.append(f"  on the same frames for every config ({w.first_frame}-{w.last_frame}, after the largest "
+                         f"{s.parameter}):")
+            for metric in r.metrics:
+                if metric in w.best:
+                    best = w.best[metric]
+                    parts.append(f"  [{'green' if best.significant else 'yellow'}]{escape(best.statement)}[/]")
+    if r.confirmation is not None:
+        parts.append(f"confirmation: {r.confirmation.combination} against the baseline")
+        for metric in r.metrics:
+            if metric in r.confirmation.effects:
+                parts.append(f"  {escape(r.confirmation.effects[metric].statement)}")
+        parts.append(f"  [dim]{escape(r.confirmation.caveat)}[/]")
     for c in r.baseline_inference:
         scores = ", ".join(f"{METRIC_LABELS[m]} {fmt_metric(c.metrics[m].mean, m)} (last frame repeated "
                            f"{fmt_metric(c.trivial[m].mean, m)})" for m in r.metrics)

@@ -6,7 +6,8 @@ inference with the same condition_frames, the last-conditioning-frame predictor)
 Wilcoxon signed-rank test and the improved-video counts use. Means come with a seeded
 percentile bootstrap CI, so rerunning the report on the same rows gives the same numbers.
 
-Computed here (records -> stats -> compute -> plots, strips, html), rendered by the CLI. The
+Computed here (records -> stats -> compute -> plots, strips, html), rendered by the CLI. Besides
+summary.json and per_video.csv, per_frame.csv holds every scored frame of every row. The
 report reads the rows through the store's `report_rows`, works on a sweep that is still running (partial results are
 marked as such everywhere) and writes every file atomically, so a reader never sees half a file.
 
@@ -17,10 +18,11 @@ Conventions, stated once here and in the page:
   (BOOTSTRAP_RESAMPLES, n) matrix of indices with `rng.integers(0, n, size=(B, n))` into the
   values in video-name order; the CI is `np.percentile` (linear) of the B resampled means at
   2.5 and 97.5; one value gives a zero-width CI, none gives no CI;
-- Wilcoxon: `scipy.stats.wilcoxon(differences)`, two-sided, zero differences dropped (scipy's
-  'wilcox' method); p is None for fewer than 2 pairs and 1.0 when every difference is zero
-  (the baseline against itself); Holm-adjusted p-values over a search's configs are given
-  alongside, the verdict uses the unadjusted p as the issue asks;
+- Wilcoxon: `scipy.stats.wilcoxon(differences)`, zero differences dropped (scipy's 'wilcox'
+  method); p is None for fewer than 2 pairs and 1.0 when every difference is zero (the baseline
+  against itself). The tables show the two-sided p, unadjusted and Holm-adjusted over a search's
+  configs; the verdict on a search's best value uses the one-sided p (better than the baseline)
+  Holm-adjusted over the search's planned non-baseline configs (`stats.search_verdict`);
 - "improved": the video's metric is better than the reference's (higher PSNR/SSIM, lower LPIPS).
 """
 
@@ -58,6 +60,7 @@ def build_report(settings: Settings, store: Store, out: Path | None = None, now:
     files["summary"] = _write(out / "summary.json", json.dumps(report.summary_json(), indent=2) + "\n")
     files["progress"] = _write(out / "progress.json", json.dumps(report.progress_json(), indent=2) + "\n")
     files["per_video"] = _write(out / "per_video.csv", per_video_csv(rows))
+    files["per_frame"] = _write(out / "per_frame.csv", per_frame_csv(rows))
     from hparray.report.html import render_html
     from hparray.report.plots import make_plots
     from hparray.report.strips import frame_strips
@@ -102,6 +105,27 @@ def per_video_csv(rows: list[TaskRow]) -> str:
     writer.writerow(CSV_COLUMNS)
     for row in rows:
         writer.writerow([_cell(getattr(row, "config" if column == "config" else column)) for column in CSV_COLUMNS])
+    return buffer.getvalue()
+
+
+FRAME_COLUMNS = ("search", "config", "video", "kind", "condition_frames", "frame", "psnr", "ssim", "lpips",
+                 "trivial_psnr", "trivial_ssim", "trivial_lpips")
+
+
+def per_frame_csv(rows: list[TaskRow]) -> str:
+    """per_video.csv's rows frame by frame: each scored frame (from condition_frames on) of each
+    row with per-frame scores, the trivial predictor's beside the un-fine-tuned rows'."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(FRAME_COLUMNS)
+    metrics = ("psnr", "ssim", "lpips")
+    for row in rows:
+        values = {m: row.frames(m) for m in metrics}
+        trivial = {m: row.frames(m, trivial=True) for m in metrics}
+        for frame in sorted(set().union(*values.values())):
+            writer.writerow([row.search, row.config, row.video, row.kind, row.condition_frames, frame,
+                             *(_cell(values[m].get(frame)) for m in metrics),
+                             *(_cell(trivial[m].get(frame)) for m in metrics)])
     return buffer.getvalue()
 
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from hparray.confirm import CONFIRM, JOINER
 from hparray.metrics import HIGHER_IS_BETTER, METRIC_LABELS, METRIC_UNITS, METRICS
 from hparray.report.format import fmt_metric, fmt_p, signed
-from hparray.report.records import BASELINE_INFERENCE, TaskRow, load_rows, scores
+from hparray.report.records import BASELINE_INFERENCE, TaskRow, load_rows, scores, window_scores
 from hparray.report.stats import (
     ALPHA,
     BOOTSTRAP_RESAMPLES,
@@ -22,9 +23,11 @@ from hparray.report.stats import (
     CONFIDENCE,
     Comparison,
     Estimate,
+    better_p,
     compare,
     estimate,
     holm,
+    search_verdict,
 )
 from hparray.store import Store, redact_url
 
@@ -76,9 +79,23 @@ class Best:
     value: float
     mean: float
     is_baseline: bool
-    p_value: float | None
+    p_value: float | None  # one-sided, unadjusted
+    p_holm: float | None  # Holm over the search's planned non-baseline configs: what decides
+    family: int
     significant: bool
     statement: str
+
+
+@dataclass
+class WindowReport:
+    """A search whose configs condition on different frame counts, scored again on the same frames
+    for every config: those after its largest condition_frames (from the stored per-frame scores)."""
+
+    first_frame: int
+    last_frame: int
+    metrics: dict[str, dict[str, Estimate]]  # config -> metric -> estimate over the window
+    vs_baseline: dict[str, dict[str, Comparison]]
+    best: dict[str, Best]
 
 
 @dataclass
@@ -88,10 +105,33 @@ class SearchReport:
     baseline_config: str | None
     configs: list[ConfigReport]
     best: dict[str, Best]
+    common_window: WindowReport | None = None
 
     @property
     def partial(self) -> bool:
         return any(config.partial for config in self.configs)
+
+
+@dataclass
+class ConfirmEffect:
+    """One metric of the confirmation: the combination against the baseline, beside the effects of
+    the single values it combines (each measured in its own search, against the same baseline)."""
+
+    metric: str
+    combined: Comparison
+    p_better: float | None  # one-sided Wilcoxon, the combination better than the baseline
+    singles: dict[str, float | None]  # search -> its chosen config's mean difference from the baseline
+    sum_of_singles: float | None
+    statement: str
+
+
+@dataclass
+class Confirmation:
+    combination: str
+    chosen: dict[str, str]  # search -> the config whose value the combination takes
+    effects: dict[str, ConfirmEffect]
+    caveat: str = ("the values were chosen on these same videos, so the combination's effect here is an "
+                   "optimistic estimate; a confirmation on held-out videos (another seed or source) is unbiased")
 
 
 @dataclass
@@ -106,6 +146,7 @@ class Report:
     gpu_hours: float
     searches: list[SearchReport]
     baseline_inference: list[ConfigReport]
+    confirmation: Confirmation | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
     def summary_json(self) -> dict[str, Any]:
@@ -122,8 +163,10 @@ class Report:
                 "parameter": s.parameter, "baseline_config": s.baseline_config, "partial": s.partial,
                 "best": {m: _plain(b) for m, b in s.best.items()},
                 "configs": {c.name: _config_json(c) for c in s.configs},
+                "common_window": _plain(s.common_window),
             } for s in self.searches},
             BASELINE_INFERENCE: {c.name: _config_json(c) for c in self.baseline_inference},
+            "confirmation": _plain(self.confirmation),
         }
 
     def progress_json(self) -> dict[str, dict[str, dict[str, Any]]]:
@@ -160,8 +203,13 @@ def method_json() -> dict[str, Any]:
                                    "order; CI = np.percentile(values[indices].mean(axis=1), [2.5, 97.5])"},
         "test": "scipy.stats.wilcoxon on paired per-video differences (config minus reference), two-sided, "
                 "zero differences dropped; p = null for fewer than 2 pairs, 1.0 when every difference is 0",
-        "multiple_comparisons": "p_holm: Holm-adjusted over the configs of a search (per metric and "
-                                "reference); verdicts use the unadjusted p",
+        "multiple_comparisons": "p_holm of a comparison: two-sided p Holm-adjusted over the configs of a search "
+                                "(per metric and reference), descriptive",
+        "verdict": "the best mean of a search (a tie goes to the baseline) is significantly better when its "
+                   "one-sided Wilcoxon p (config better than the baseline), Holm-adjusted over the search's planned "
+                   "non-baseline configs for that metric (untestable ones count as p = 1), is below alpha and its "
+                   "mean difference is in the better direction: a family-wise error rate of at most alpha per "
+                   "(search, metric) verdict (docs/statistics.md)",
         "alpha": ALPHA,
         "improved": "videos whose metric beats the reference's: higher PSNR/SSIM, lower LPIPS",
         "references": COMPARISONS,
@@ -248,37 +296,131 @@ def _search_report(name: str, configs: OrderedDict[str, list[TaskRow]],
                       and not (kind == "vs_baseline" and c.is_baseline)]
             for (_, comparison), adjusted in zip(tested, holm([cmp.p_value for _, cmp in tested])):
                 comparison.p_holm = adjusted
-    best = {m: b for m in METRICS if (b := _best(m, reports, baseline)) is not None}
+    best = {m: b for m in METRICS
+            if (b := _best(m, reports, baseline, {c.name: scores(configs[c.name], m) for c in reports},
+                           {c.name: c.metrics[m] for c in reports},
+                           {c.name: c.vs_baseline[m] for c in reports if m in c.vs_baseline})) is not None}
     return SearchReport(name=name, parameter=reports[0].parameter, baseline_config=baseline.name if baseline else None,
-                        configs=reports, best=best)
+                        configs=reports, best=best, common_window=_common_window(reports, baseline, configs))
 
 
-def _best(metric: str, reports: list[ConfigReport], baseline: ConfigReport | None) -> Best | None:
-    scored = [c for c in reports if c.metrics[metric].mean is not None]
+def _best(metric: str, reports: list[ConfigReport], baseline: ConfigReport | None,
+          per_video: dict[str, dict[str, float]], estimates: dict[str, Estimate],
+          comparisons: dict[str, Comparison], window: str = "") -> Best | None:
+    """The best mean of a search for `metric` and its verdict (`stats.search_verdict`), from each
+    config's per-video scores (`per_video`), estimates and comparisons with the baseline."""
+    scored = [c for c in reports if estimates[c.name].mean is not None]
     if not scored:
         return None
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
     # A tie with the baseline goes to the baseline: an equal mean is no finding.
-    top = max(scored, key=lambda c: (sign * (c.metrics[metric].mean or 0.0), c.is_baseline))
-    mean = top.metrics[metric].mean or 0.0
-    label = METRIC_LABELS[metric]
-    shown = f"{top.name} = {fmt_metric(mean, metric)}{METRIC_UNITS[metric]}"
-    partial = f"; partial: {top.metrics[metric].n} of {top.rows['total']} videos scored" if top.partial else ""
+    top = max(scored, key=lambda c: (sign * (estimates[c.name].mean or 0.0), c.is_baseline))
+    label = METRIC_LABELS[metric] + window
+    partial = f"; partial: {estimates[top.name].n} of {top.rows['total']} videos scored" if top.partial else ""
     if baseline is None:
-        return Best(metric, top.name, top.value, mean, top.is_baseline, None, False,
-                    f"best {label}: {shown}; this search has no baseline config to test against{partial}")
+        mean = estimates[top.name].mean or 0.0
+        return Best(metric, top.name, top.value, mean, top.is_baseline, None, None, 0, False,
+                    f"best {label}: {top.name} = {fmt_metric(mean, metric)}{METRIC_UNITS[metric]}; this search has "
+                    f"no baseline config to test against{partial}")
+    reference = per_video[baseline.name]
+    differences = {c.name: np.array([per_video[c.name][v] - reference[v]
+                                     for v in sorted(set(per_video[c.name]) & set(reference))])
+                   for c in reports if not c.is_baseline}
+    verdict = search_verdict(differences, {c.name: estimates[c.name].mean or 0.0 for c in scored},
+                             baseline.name, metric)
+    top = next(c for c in scored if c.name == verdict.config)
+    mean = estimates[top.name].mean or 0.0
+    shown = f"{top.name} = {fmt_metric(mean, metric)}{METRIC_UNITS[metric]}"
     if top.is_baseline:
-        return Best(metric, top.name, top.value, mean, True, None, False,
+        return Best(metric, top.name, top.value, mean, True, None, None, verdict.family, False,
                     f"best {label}: {shown}, the baseline itself: not significantly better than the "
                     f"baseline{partial}")
-    cmp = top.vs_baseline[metric]
-    better = cmp.mean_diff is not None and sign * cmp.mean_diff > 0
-    significant = cmp.p_value is not None and cmp.p_value < ALPHA and better
+    cmp = comparisons[top.name]
     test = (f"{signed(cmp.mean_diff, metric)} vs {baseline.name}, {cmp.improved}/{cmp.pairs} videos improved, "
-            f"Wilcoxon p={fmt_p(cmp.p_value)}" + (f" (Holm {fmt_p(cmp.p_holm)})" if cmp.p_holm is not None else ""))
-    verdict = "significantly better than the baseline" if significant else "not significantly better than the baseline"
-    return Best(metric, top.name, top.value, mean, False, cmp.p_value, significant,
-                f"best {label}: {shown}; {test}: {verdict}{partial}")
+            f"one-sided Wilcoxon p={fmt_p(verdict.p_value)} unadjusted, Holm over {verdict.family} configs "
+            f"p={fmt_p(verdict.p_holm)}")
+    said = ("significantly better than the baseline" if verdict.significant
+            else "not significantly better than the baseline")
+    return Best(metric, top.name, top.value, mean, False, verdict.p_value, verdict.p_holm, verdict.family,
+                verdict.significant, f"best {label}: {shown}; {test}: {said} (family-wise alpha {ALPHA}){partial}")
+
+
+def _common_window(reports: list[ConfigReport], baseline: ConfigReport | None,
+                   configs: OrderedDict[str, list[TaskRow]]) -> WindowReport | None:
+    """The search on the frames after its largest condition_frames, when its configs differ in it."""
+    frames = {c.condition_frames for c in reports}
+    if len(frames) < 2:
+        return None
+    last = max((max(row.frames(m)) for rows in configs.values() for row in rows for m in METRICS
+                if row.frames(m)), default=None)
+    first = max(frames)
+    if last is None or last < first:
+        return None
+    metrics: dict[str, dict[str, Estimate]] = {c.name: {} for c in reports}
+    vs_baseline: dict[str, dict[str, Comparison]] = {c.name: {} for c in reports}
+    best = {}
+    for metric in METRICS:
+        per_video = {c.name: window_scores(configs[c.name], metric, first, last) for c in reports}
+        for c in reports:
+            metrics[c.name][metric] = estimate(per_video[c.name])
+            if baseline is not None:
+                vs_baseline[c.name][metric] = compare(metric, per_video[c.name], per_video[baseline.name],
+                                                      baseline.name)
+        found = _best(metric, reports, baseline, per_video, {c.name: metrics[c.name][metric] for c in reports},
+                      {c.name: vs_baseline[c.name][metric] for c in reports if metric in vs_baseline[c.name]},
+                      window=f" on frames {first}-{last}")
+        if found is not None:
+            best[metric] = found
+    return WindowReport(first, last, metrics, vs_baseline, best)
+
+
+def _confirmation(searches: list[SearchReport], rows: list[TaskRow]) -> Confirmation | None:
+    """The confirm search (hparray.confirm) against the sum of the single-factor effects."""
+    confirm = next((s for s in searches if s.name == CONFIRM), None)
+    combo = next((c for c in confirm.configs if not c.is_baseline), None) if confirm else None
+    if confirm is None or combo is None:
+        return None
+    chosen_names = combo.name.split(JOINER)
+    others = {s.name: s for s in searches if s.name != CONFIRM}
+    chosen = {name: next((c for c in chosen_names if any(cfg.name == c for cfg in s.configs)), "")
+              for name, s in others.items()}
+    effects = {}
+    combo_rows = [row for row in rows if row.search == CONFIRM and row.config == combo.name]
+    base_rows = [row for row in rows if row.search == CONFIRM and row.is_baseline]
+    for metric in METRICS:
+        cmp = combo.vs_baseline.get(metric)
+        if cmp is None or cmp.mean_diff is None:
+            continue
+        own, reference = scores(combo_rows, metric), scores(base_rows, metric)
+        p = better_p(np.array([own[v] - reference[v] for v in sorted(set(own) & set(reference))]), metric)
+        singles: dict[str, float | None] = {}
+        for name, config_name in chosen.items():
+            config = next((c for c in others[name].configs if c.name == config_name), None)
+            diff = config.vs_baseline.get(metric) if config is not None else None
+            singles[name] = 0.0 if config is not None and config.is_baseline else (diff.mean_diff if diff else None)
+        total = sum(v for v in singles.values() if v is not None) if all(v is not None for v in singles.values()) \
+            else None
+        effects[metric] = ConfirmEffect(metric, cmp, p, singles, total,
+                                        _confirm_statement(metric, combo.name, cmp, p, singles, total))
+    return Confirmation(combo.name, chosen, effects)
+
+
+def _confirm_statement(metric: str, name: str, cmp: Comparison, p: float | None, singles: dict[str, float | None],
+                       total: float | None) -> str:
+    label = METRIC_LABELS[metric]
+    head = (f"{label}: {name} {signed(cmp.mean_diff, metric)} vs the baseline "
+            f"[{signed(cmp.ci_low, metric)}, {signed(cmp.ci_high, metric)}], {cmp.improved}/{cmp.pairs} videos "
+            f"improved, one-sided Wilcoxon p={fmt_p(p)}")
+    if total is None or cmp.ci_low is None or cmp.ci_high is None:
+        return head
+    parts = ", ".join(f"{search} {signed(v, metric)}" for search, v in singles.items())
+    if cmp.ci_low <= total <= cmp.ci_high:
+        how = "inside the combination's CI: consistent with effects that add up"
+    elif (total > cmp.ci_high) == HIGHER_IS_BETTER[metric]:
+        how = "better than the combination's CI: together the values give less than the sum of their effects"
+    else:
+        how = "worse than the combination's CI: together the values give more than the sum of their effects"
+    return f"{head}; the single-value effects sum to {signed(total, metric)} ({parts}), {how}"
 
 
 def compute(store: Store, now: float | None = None) -> tuple[Report, list[TaskRow]]:
@@ -310,6 +452,6 @@ def compute(store: Store, now: float | None = None) -> tuple[Report, list[TaskRo
         generated_at=time.time() if now is None else now, database=redact_url(store.url),
         partial=totals["pending"] + totals["running"] > 0, rows=totals, metrics=measured,
         gpu_hours=sum(row.wall_s or 0.0 for row in tasks.values()) / 3600.0,
-        searches=searches, baseline_inference=inference,
+        searches=searches, baseline_inference=inference, confirmation=_confirmation(searches, rows),
     ), rows
 

@@ -24,7 +24,7 @@ def render_html(report: Report, plots: dict[str, bytes], strips: dict[str, list[
     uris = {name: data_uri(png) for name, png in plots.items()}
 
     def plot_names(search: SearchReport) -> list[str]:
-        names = [f"{safe_name(search.name)}_{kind}.png" for kind in ("metrics", "deltas", "cost")]
+        names = [f"{safe_name(search.name)}_{kind}.png" for kind in ("metrics", "deltas", "frames", "cost")]
         return [name for name in names if name in uris]
 
     def ci(low: float | None, high: float | None, metric: str) -> str:

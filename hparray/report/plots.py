@@ -33,6 +33,8 @@ def make_plots(report: Report, rows: list[TaskRow]) -> dict[str, bytes]:
         plots[f"{safe_name(search.name)}_metrics.png"] = _metrics_plot(search, scored, metrics, inference)
         if search.baseline_config is not None:
             plots[f"{safe_name(search.name)}_deltas.png"] = _deltas_plot(search, rows, metrics)
+        if any(row.per_frame for row in rows if row.search == search.name):
+            plots[f"{safe_name(search.name)}_frames.png"] = _frames_plot(search, rows, metrics)
         if search.parameter == "finetune_steps" and any(c.gpu_hours for c in search.configs):
             plots[f"{safe_name(search.name)}_cost.png"] = _cost_plot(search)
     return plots
@@ -130,6 +132,51 @@ def _deltas_plot(search: SearchReport, rows: list[TaskRow], metrics: list[str]) 
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"search {search.name}: per-video difference from {search.baseline_config} "
                  "(dots: videos; diamond: mean, 95% CI)" + ("  PARTIAL" if search.partial else ""))
+    return _png(fig)
+
+
+def _mean_curve(rows: list[TaskRow], metric: str, trivial: bool = False) -> tuple[list[int], list[float]]:
+    """Frame index -> mean over the rows' videos of that frame's metric."""
+    by_frame: dict[int, list[float]] = {}
+    for row in rows:
+        for frame, value in row.frames(metric, trivial).items():
+            by_frame.setdefault(frame, []).append(value)
+    frames = sorted(by_frame)
+    return frames, [float(np.mean(by_frame[f])) for f in frames]
+
+
+def _frames_plot(search: SearchReport, rows: list[TaskRow], metrics: list[str]) -> bytes:
+    """Each config's mean metric against the frame index, with the un-fine-tuned model and the
+    trivial predictor at the baseline's condition_frames (and the common window, if any)."""
+    by_config: dict[str, list[TaskRow]] = {}
+    for row in rows:
+        if row.search == search.name:
+            by_config.setdefault(row.config, []).append(row)
+    base_cf = next((c.condition_frames for c in search.configs if c.is_baseline), search.configs[0].condition_frames)
+    plain = [row for row in rows if row.kind == "baseline" and row.condition_frames == base_cf]
+    fig = _figure(4.2 * len(metrics), 3.6)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    colors = [f"C{i}" for i in range(10)]
+    for ax, metric in zip(axes, metrics):
+        for i, config in enumerate(search.configs):
+            frames, means = _mean_curve(by_config.get(config.name, []), metric)
+            if frames:
+                ax.plot(frames, means, "-", color=colors[i % 10], linewidth=2.2 if config.is_baseline else 1.3,
+                        label=config.name + (" *" if config.is_baseline else ""))
+        for trivial, style, label in ((False, "--", "no fine-tune"), (True, ":", "last frame repeated")):
+            frames, means = _mean_curve(plain, metric, trivial)
+            if frames:
+                ax.plot(frames, means, style, color="0.35" if not trivial else "black",
+                        label=f"{label} (cf {base_cf})")
+        if search.common_window is not None:
+            ax.axvspan(search.common_window.first_frame - 0.5, search.common_window.last_frame + 0.5, color="0.9",
+                       zorder=0, label="common window")
+        better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
+        ax.set_xlabel("frame index")
+        ax.set_ylabel(f"{METRIC_LABELS[metric]}{METRIC_UNITS[metric]} ({better} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"search {search.name}: mean per frame over the videos" + ("  (PARTIAL)" if search.partial else ""))
     return _png(fig)
 
 

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from hparray.store import Store
 from hparray.store.records import ReportRow
@@ -36,6 +39,15 @@ class TaskRow(ReportRow):
         value = getattr(self, f"trivial_{metric}")
         return float(value) if self.status == "done" and value is not None else None
 
+    def frames(self, metric: str, trivial: bool = False) -> dict[int, float]:
+        """{frame index: the metric of that frame} of a scored row (the trivial predictor's with
+        `trivial`), from `first_frame` = condition_frames on; empty for rows recorded without them."""
+        if self.status != "done" or not self.per_frame:
+            return {}
+        stored = json.loads(self.per_frame)
+        values = stored.get(f"trivial_{metric}" if trivial else metric) or []
+        return {int(stored["first_frame"]) + i: float(v) for i, v in enumerate(values)}
+
 
 
 def load_rows(store: Store) -> list[TaskRow]:
@@ -61,3 +73,15 @@ def load_rows(store: Store) -> list[TaskRow]:
 def scores(rows: list[TaskRow], metric: str) -> dict[str, float]:
     """The scored rows' metric by video."""
     return {row.video: s for row in rows if (s := row.score(metric)) is not None}
+
+
+def window_scores(rows: list[TaskRow], metric: str, first: int, last: int) -> dict[str, float]:
+    """The scored rows' mean metric over frames first..last (inclusive) by video: the same frames
+    for every config; rows without per-frame scores, or missing a frame, are left out."""
+    found = {}
+    for row in rows:
+        frames = row.frames(metric)
+        window = [frames[i] for i in range(first, last + 1) if i in frames]
+        if window and len(window) == last - first + 1:
+            found[row.video] = float(np.mean(window))
+    return found

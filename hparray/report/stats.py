@@ -1,6 +1,6 @@
 """The statistics of the report, each stated once: bootstrap CIs of means, paired comparisons
-with the Wilcoxon signed-rank test, and Holm's adjustment (see hparray/report/__init__.py for
-the conventions)."""
+with the Wilcoxon signed-rank test, Holm's adjustment, and the verdict on a search's best value
+(see hparray/report/__init__.py for the conventions, docs/statistics.md for why)."""
 
 from __future__ import annotations
 
@@ -71,8 +71,9 @@ def estimate(by_video: dict[str, float]) -> Estimate:
     )
 
 
-def wilcoxon_p(differences: np.ndarray) -> float | None:
-    """Two-sided Wilcoxon signed-rank p; None below 2 pairs, 1.0 when nothing differs."""
+def wilcoxon_p(differences: np.ndarray, alternative: str = "two-sided") -> float | None:
+    """Wilcoxon signed-rank p ('two-sided', or 'greater': the differences tend to be > 0); None
+    below 2 pairs, 1.0 when nothing differs. Exact for up to 50 pairs without ties or zeros."""
     if len(differences) < 2:
         return None
     if not np.any(differences != 0):
@@ -81,8 +82,50 @@ def wilcoxon_p(differences: np.ndarray) -> float | None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns about ties and small samples; p is still defined
-        p = float(wilcoxon(differences, alternative="two-sided").pvalue)
+        p = float(wilcoxon(differences, alternative=alternative).pvalue)
     return p if math.isfinite(p) else None
+
+
+def better_p(differences: np.ndarray, metric: str) -> float | None:
+    """One-sided p that a config beats its reference; differences = config - reference per video."""
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    return wilcoxon_p(sign * np.asarray(differences, dtype=np.float64), "greater")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A search's best value for one metric, and whether it beats the baseline family-wise."""
+
+    config: str
+    p_value: float | None  # one-sided, unadjusted
+    p_holm: float | None  # Holm over the search's planned non-baseline configs
+    family: int
+    significant: bool
+
+
+def search_verdict(differences: dict[str, np.ndarray], means: dict[str, float], baseline: str,
+                   metric: str, alpha: float = ALPHA) -> Verdict:
+    """The verdict for ONE metric of ONE search.
+
+    `differences`: every planned non-baseline config -> its paired differences from the baseline
+    (empty while no video has both); `means`: config -> mean, the baseline's included. The best
+    config is the best mean (a tie goes to the baseline). Its claim "better than the baseline" is
+    significant when its one-sided Wilcoxon p, Holm-adjusted over all planned non-baseline configs
+    (one not yet testable counts as p = 1, so a partial sweep keeps the family's size), is below
+    `alpha`, and its mean difference is in the better direction. Holm controls the family-wise
+    error strongly, so the chance of a false verdict stays at or below alpha whichever config the
+    means select (docs/statistics.md)."""
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    names = list(differences)
+    raw = [better_p(differences[name], metric) for name in names]
+    adjusted = dict(zip(names, holm([1.0 if p is None else p for p in raw])))
+    top = max(means, key=lambda name: (sign * means[name], name == baseline))
+    if top == baseline or top not in differences:
+        return Verdict(top, None, None, len(names), False)
+    diffs = np.asarray(differences[top], dtype=np.float64)
+    p = raw[names.index(top)]
+    significant = len(diffs) > 0 and sign * float(diffs.mean()) > 0 and adjusted[top] < alpha
+    return Verdict(top, p, adjusted[top], len(names), significant)
 
 
 def compare(metric: str, config: dict[str, float], reference: dict[str, float], name: str) -> Comparison:

@@ -206,4 +206,5 @@ class ReportRow:
     inference_s: float | None
     wall_s: float | None
     artifact_dir: str | None
+    per_frame: str | None  # JSON: {"first_frame": cf, metric: [per-frame values], "trivial_<metric>": [...]}
     depends_status: str | None

@@ -288,6 +288,7 @@ class Store:
                 **{f"{key}_s": timings.get(key) for key in ("load", "finetune", "inference", "metrics", "wall")},
                 "peak_memory_mb": outcome.peak_memory_mb, "lpips_weights": outcome.lpips_weights,
                 "artifact_dir": outcome.artifact_dir, "details": json.dumps(outcome.details, default=str),
+                "per_frame": json.dumps(outcome.per_frame) if outcome.per_frame else None,
             })
             self._run(conn, "end_attempt", {"lease": task.lease, "now": now, "outcome": outcome.status,
                                             "error": None, "traceback": None})

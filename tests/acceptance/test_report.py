@@ -190,10 +190,27 @@ def test_summary_matches_statistics_recomputed_from_per_video_csv(sweep: Reporte
             top = max(means.values(), key=lambda m: sign * m)
             best = report["best"][metric]
             assert means[best["config"]] == top
-            p = report["configs"][best["config"]]["vs_baseline"][metric]["p_value"]
-            not_better = best["config"] == baseline or p is None or p >= 0.05
+            # The verdict, recomputed: one-sided Wilcoxon (better than the baseline) for every other value,
+            # Holm over them, the best mean's adjusted p against 0.05.
+            others = [name for name in report["configs"] if name != baseline]
+            reference = scores(rows, search, baseline, metric)
+            one_sided = {}
+            for name in others:
+                own = scores(rows, search, name, metric)
+                diffs = sign * np.array([own[v] - reference[v] for v in sorted(own)])
+                one_sided[name] = 1.0 if not diffs.any() else stats.wilcoxon(diffs, alternative="greater").pvalue
+            ordered = sorted(others, key=lambda name: one_sided[name])
+            adjusted, running = {}, 0.0
+            for rank, name in enumerate(ordered):
+                running = max(running, min(1.0, (len(others) - rank) * one_sided[name]))
+                adjusted[name] = running
+            not_better = best["config"] == baseline or adjusted[best["config"]] >= 0.05
             assert ("not significantly better than the baseline" in best["statement"]) == not_better
-            assert best["significant"] is not not_better
+            assert best["significant"] is not not_better and best["family"] == len(others)
+            if best["config"] != baseline:
+                assert best["p_value"] == pytest.approx(one_sided[best["config"]], abs=1e-12)
+                assert best["p_holm"] == pytest.approx(adjusted[best["config"]], abs=1e-12)
+                assert "unadjusted" in best["statement"] and f"Holm over {len(others)} configs" in best["statement"]
             assert best["config"] in sweep.stdout  # named in the terminal too
 
     assert significant_somewhere, "the test runner makes lr_1e-4 worse on every video: p = 1/32"

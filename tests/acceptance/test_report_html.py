@@ -96,6 +96,8 @@ def test_report_html_loads_every_plot_and_frame_strip_in_chromium(sweep: Reporte
     for plot in sorted((sweep.out / "plots").glob("*.png")):
         assert f'alt="{plot.name}"' in page, f"{plot.name} is not on the page"
     summary = sweep.summary()
+    for name in summary["searches"]:  # the per-frame curves, one plot per search
+        assert (sweep.out / "plots" / f"{name}_frames.png").is_file() and f'alt="{name}_frames.png"' in page
     for search in summary["searches"].values():
         for name in search["configs"]:
             assert page.count(f'alt="frames {name} ') == STRIP_VIDEOS, f"frame strips of {name}"
