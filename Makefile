@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[all,test,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,trackers,test,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -150,6 +150,7 @@ class TaskSettings(Section):
     baseline_gpu_minutes: Float = Field(1.0, gt=0)
     heartbeat_interval_s: Float = Field(30.0, gt=0)
     heartbeat_grace_s: Float = Field(300.0, gt=0)
+    background_scoring: Bool = True
 
     @model_validator(mode="after")
     def _grace_outlasts_a_beat(self) -> TaskSettings:
@@ -158,6 +159,16 @@ class TaskSettings(Section):
                            "make the grace at least 2x tasks.heartbeat_interval_s so one late beat is not a death",
                            key="tasks.heartbeat_grace_s")
         return self
+
+
+class StoppingSettings(Section):
+    """Opt-in sequential stopping (docs/statistics.md): a config significantly worse than its search's
+    baseline has its pending rows skipped. In no config hash: turned off, `plan` resumes them."""
+
+    enabled: Bool = False
+    alpha: Float = Field(0.05, gt=0, lt=1, json_schema_extra=fix_note("use a small level such as 0.05"))
+    min_videos: Int = Field(9, ge=2, json_schema_extra=fix_note("look after at least 2 paired videos, e.g. 9"))
+    metric: Literal["psnr", "ssim", "lpips"] = "psnr"
 
 
 def _slurm_time(value: Any) -> Any:
@@ -220,7 +231,11 @@ class Settings(Section):
     metrics: tuple[str, ...] = METRICS
     tasks: TaskSettings = TaskSettings()
     slurm: SlurmSettings = SlurmSettings()
+    stopping: StoppingSettings = StoppingSettings()
     output_dir: Text = "results"
+    artifacts: Literal["lossless", "preview", "full", "none"] = "lossless"
+    notify: Strings | None = Field(
+        None, json_schema_extra=fix_note("give the command's argv as a list, e.g. [/path/to/notify.sh, --channel, x]"))
     config_dir: Path = Field(default=Path("configs"), exclude=True)
 
     @model_validator(mode="before")
@@ -251,6 +266,30 @@ class Settings(Section):
         problem = geometry_problem(self.runner.name, self.data.height, self.data.width)
         if problem:
             raise problem_error(problem[1], problem[2], key=problem[0])
+        return self
+
+    @model_validator(mode="after")
+    def _notify_has_a_command(self) -> Settings:
+        if self.notify is not None and (not self.notify or not self.notify[0].strip()):
+            raise problem_error("names no command" if self.notify else "is empty",
+                                "give the command's argv as a list, e.g. [/path/to/notify.sh, --channel, x], "
+                                "or leave notify out", key="notify")
+        return self
+
+    @model_validator(mode="after")
+    def _stopping_can_stop(self) -> Settings:
+        stopping, videos = self.stopping, self.data.num_videos
+        if stopping.enabled and stopping.metric not in self.metrics:
+            raise problem_error(f"is {stopping.metric} but metrics does not score it",
+                                f"use one of {', '.join(self.metrics)} or add it to metrics", key="stopping.metric")
+        if stopping.enabled and stopping.min_videos > videos:
+            raise problem_error(f"is {stopping.min_videos} but data.num_videos is {videos}",
+                                "look after at most data.num_videos videos", key="stopping.min_videos")
+        boundary = stopping.alpha / max(1, videos - stopping.min_videos + 1)
+        if stopping.enabled and 0.5 ** videos >= boundary:  # the exact one-sided Wilcoxon p is at least 2^-n
+            raise problem_error(f"can never stop a config: with {videos} videos the smallest p is {0.5 ** videos:.3g}, "
+                                f"not below the boundary {boundary:.3g}",
+                                "plan more videos, raise stopping.alpha or stopping.min_videos", key="stopping")
         return self
 
     def experiment_fingerprint(self) -> dict[str, Any]:

@@ -22,10 +22,12 @@ from hparray.runners import check_runner
 from hparray.store import Store
 
 PACKAGES = ("scikit-image", "sqlalchemy", "click", "rich", "pydantic", "av")
-# Optional, by extra: the built-in LTX-Video runner, and LPIPS.
-EXTRAS = {"ltx": ("torch", "diffusers", "peft", "transformers"), "lpips": ("lpips", "torch", "torchvision")}
-# A fine-tune row keeps frames.npz (float32, compressed ~0.9) and a small mp4.
-ARTIFACT_BYTES_PER_PIXEL = 4 * 3 * 0.95
+# Optional, by extra: the built-in LTX-Video runner, LPIPS, and the trackers of `hparray export`.
+EXTRAS = {"ltx": ("torch", "diffusers", "peft", "transformers"), "lpips": ("lpips", "torch", "torchvision"),
+          "mlflow": ("mlflow-skinny",), "tensorboard": ("tensorboard",), "wandb": ("wandb",)}
+# Bytes a row keeps per pixel of its video, by `artifacts:` setting (the mp4 preview included):
+# float32 compresses barely (~0.95), FFV1 keeps uint8 RGB at ~0.6 of raw on noisy content.
+ARTIFACT_BYTES_PER_PIXEL = {"full": 4 * 3 * 0.95, "lossless": 3 * 0.6, "preview": 0.1, "none": 0.0}
 
 
 @dataclass(frozen=True)
@@ -145,8 +147,10 @@ def _disk(settings: Settings) -> Check:
     out = settings.output_path()
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
-    per_task = settings.data.num_frames * settings.data.height * settings.data.width * ARTIFACT_BYTES_PER_PIXEL
-    detail = f"{free / 2**30:.1f} GiB free at {probe}; ~{per_task / 2**20:.1f} MiB of artifacts per task"
+    per_task = (settings.data.num_frames * settings.data.height * settings.data.width
+                * ARTIFACT_BYTES_PER_PIXEL[settings.artifacts])
+    detail = (f"{free / 2**30:.1f} GiB free at {probe}; ~{per_task / 2**20:.1f} MiB of artifacts per task "
+              f"(artifacts: {settings.artifacts})")
     if free < 400 * per_task:
         return Check("disk", "warn", detail, f"free space under {out} (a full grid of 360 rows needs "
                                              f"~{360 * per_task / 2**30:.1f} GiB)")

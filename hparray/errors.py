@@ -65,3 +65,11 @@ class OutputError(HparrayError):
 
 class SlurmError(HparrayError):
     """A Slurm command failed or Slurm cannot be reached."""
+
+
+class MissingExtra(BadInput):
+    """An optional extra that this command needs is not installed; the message names the pip line."""
+
+
+class ExportError(HparrayError):
+    """An experiment tracker refused or failed an export (its store, server or files)."""

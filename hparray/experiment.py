@@ -6,22 +6,22 @@ built-in run and a user's script are measured by the same ruler.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import shutil
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from hparray.artifacts import publish_artifacts, stage_artifacts
 from hparray.config import Settings
 from hparray.environment import default_device
 from hparray.errors import HparrayError, RunnerError
 from hparray.metrics import Scorer, trivial_prediction
 from hparray.plan import config_hash, sampled_videos, task_seed
-from hparray.runners import Clip, Hyperparams, Runner
+from hparray.runners import Clip, Generation, Hyperparams, Runner
 from hparray.runners.protocol import build_runner, runner_identity
 from hparray.tasks import ClaimedTask, TaskOutcome
 from hparray.videos import VideoRef, read_video
@@ -90,7 +90,11 @@ class Experiment:
         return self._videos[task.video_path]
 
     def run(self, task: ClaimedTask, artifact_dirs: list[Path]) -> TaskOutcome:
-        """Run `task`; artifacts go to the first of `artifact_dirs`, the others link to it."""
+        """Run `task` start to finish; artifacts go to the first of `artifact_dirs`, the others link to it."""
+        return self.score(self.generate(task), artifact_dirs)
+
+    def generate(self, task: ClaimedTask) -> Produced:
+        """The GPU's part: the runner's frames for `task` (what the worker waits for)."""
         started = time.perf_counter()
         self.load()
         load_s, self._load_s = self._load_s, 0.0
@@ -102,7 +106,14 @@ class Experiment:
             generation = self.runner.baseline(clip, cf, seed)
         else:
             generation = self.runner.finetune_and_generate(clip, self.hyperparams(task), seed)
-        timings = {"load": load_s, "finetune": generation.timings_s.get("finetune", 0.0),
+        return Produced(task, generation, truth, load_s, started)
+
+    def score(self, produced: Produced, artifact_dirs: list[Path]) -> TaskOutcome:
+        """The CPU's part, which may run while the next row generates: scores of the unseen frames,
+        frame by frame, and the artifacts, staged for `settle`."""
+        task, generation, truth = produced.task, produced.generation, produced.truth
+        cf = task.condition_frames
+        timings = {"load": produced.load_s, "finetune": generation.timings_s.get("finetune", 0.0),
                    "inference": generation.timings_s.get("inference", 0.0)}
         outcome = TaskOutcome(status="diverged" if generation.diverged else "done", timings_s=timings,
                               peak_memory_mb=generation.peak_memory_mb, details=dict(generation.notes))
@@ -121,13 +132,15 @@ class Experiment:
             timings["metrics"] = time.perf_counter() - scoring
             outcome.lpips_weights = self.scorer.lpips_weights
             if artifact_dirs:
+                writing = time.perf_counter()
                 staged = stage_artifacts(generation.frames, artifact_dirs[0], self.settings.model.frame_rate,
-                                         task.lease)
-                outcome.artifact_dir, outcome.staged_dir = str(artifact_dirs[0]), str(staged)
-                self._links[str(staged)] = artifact_dirs[1:]
-        timings["wall"] = time.perf_counter() - started
+                                         task.lease, self.settings.artifacts)
+                timings["artifacts"] = time.perf_counter() - writing
+                if staged is not None:
+                    outcome.artifact_dir, outcome.staged_dir = str(artifact_dirs[0]), str(staged)
+                    self._links[str(staged)] = artifact_dirs[1:]
+        timings["wall"] = time.perf_counter() - produced.started
         return outcome
-
 
     def settle(self, outcome: TaskOutcome, won: bool) -> None:
         """After the finish: the attempt that won the row publishes its artifacts; a fenced one
@@ -141,55 +154,12 @@ class Experiment:
             shutil.rmtree(outcome.staged_dir, ignore_errors=True)
 
 
-def staging_dir(target: Path, lease: str) -> Path:
-    """The attempt-private folder next to `target`: hidden, and named by the attempt's lease."""
-    return target.parent / f".{target.name}.{lease[:12]}.partial"
+@dataclass
+class Produced:
+    """A row's generated frames, waiting to be scored (`Experiment.score`)."""
 
-
-def stage_artifacts(frames: np.ndarray, target: Path, fps: int, lease: str) -> Path:
-    """frames.npz (lossless float32) and generated.mp4 (to watch) in this attempt's own folder;
-    on any error (a full disk) the folder is removed, so nothing half-written is left behind."""
-    staged = staging_dir(target, lease)
-    try:
-        staged.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(staged / "frames.npz", frames=frames.astype(np.float32))
-        write_mp4(staged / "generated.mp4", frames, fps)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    return staged
-
-
-def publish_artifacts(staged: Path, target: Path, links: list[Path]) -> None:
-    """Rename the winning attempt's folder into place (whatever an older sweep left there goes);
-    the other searches holding the same config get a relative symlink to it."""
-    if target.is_symlink() or target.is_file():
-        target.unlink()
-    elif target.exists():
-        shutil.rmtree(target)
-    os.replace(staged, target)
-    for other in links:
-        other.parent.mkdir(parents=True, exist_ok=True)
-        if not other.exists() and not other.is_symlink():
-            with contextlib.suppress(FileExistsError):  # another search's link, made a moment ago
-                other.symlink_to(os.path.relpath(target, other.parent), target_is_directory=True)
-
-
-def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
-    """An H.264 (or MPEG-4 where x264 is missing) video of float frames in [0, 1]."""
-    import av
-
-    data = (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    with av.open(str(path), mode="w", format="mp4") as container:
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        stream = container.add_stream(codec, rate=fps)
-        assert isinstance(stream, av.VideoStream)
-        stream.width, stream.height = data.shape[2], data.shape[1]
-        stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": "18"}
-        for frame in data:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    task: ClaimedTask
+    generation: Generation
+    truth: np.ndarray
+    load_s: float
+    started: float

@@ -7,7 +7,9 @@ from typing import Any
 
 TASK_KINDS = ("baseline", "finetune")
 FINAL_STATUSES = ("done", "diverged", "failed")
-STATUSES = ("pending", "running", "done", "diverged", "failed")
+STATUSES = ("pending", "running", "done", "diverged", "failed", "skipped")
+# skipped: a pending row of a config that sequential stopping stopped (never claimed; pending again
+# when stopping is turned off)
 
 
 @dataclass(frozen=True)

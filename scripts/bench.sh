@@ -18,16 +18,20 @@ fi
 if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
   claims=(--procs 1,8 --target-s 1)
   overhead=(--videos 1 --steps 2 --no-360p)
+  pipeline=(--videos 1 --gpu-s 4 --no-sizes)
   resident=(--tasks 2 --steps 2)
   server=(--videos 2 --load-s 1)
   verdicts=(--sweeps 50)
+  stopping=(--sweeps 100)
   demo_model=(--videos 4 --lrs 1e-6,1e-4)
 else
   claims=()
   overhead=()
+  pipeline=()
   resident=()
   server=()
   verdicts=()
+  stopping=()
   demo_model=()
 fi
 
@@ -39,6 +43,8 @@ echo "== claim throughput (bench/bench_claims.py)"
 "$PY" -m bench.bench_claims "${claims[@]}"
 echo "== orchestration overhead (bench/bench_overhead.py)"
 "$PY" -m bench.bench_overhead "${overhead[@]}"
+echo "== GPU idle between rows at 360p, background stage off/on; bytes per row (bench/bench_pipeline.py)"
+"$PY" -m bench.bench_pipeline "${pipeline[@]}"
 echo "== resident model vs one process per task (bench/bench_resident.py)"
 "$PY" -m bench.bench_resident "${resident[@]}"
 echo "== a slow-loading model: resident server vs command runner (bench/bench_server.py)"
@@ -49,6 +55,8 @@ if [[ "${BENCH_QUICK:-0}" != 1 ]]; then
 fi
 echo "== the report's verdicts on simulated sweeps (bench/bench_verdicts.py)"
 "$PY" -m bench.bench_verdicts "${verdicts[@]}"
+echo "== sequential stopping on simulated searches (bench/bench_stopping.py)"
+"$PY" -m bench.bench_stopping "${stopping[@]}"
 echo "== the shipped demo model on held-out videos (bench/bench_demo_model.py)"
 "$PY" -m bench.bench_demo_model "${demo_model[@]}"
 echo "== done in $(( $(date +%s) - started )) s; results in bench/out/; load: $(uptime)"

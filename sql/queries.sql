@@ -186,10 +186,6 @@ UPDATE attempts
 -- name: task_status
 SELECT status FROM tasks WHERE id = :task_id;
 
--- name: stale_running
-SELECT id, lease, worker_id, heartbeat_at FROM tasks
- WHERE status = 'running' AND heartbeat_at < :cutoff;
-
 -- name: running_tasks
 SELECT t.id, t.lease, t.worker_id, t.heartbeat_at, t.beats, t.losses, t.max_losses, w.slurm_job_id,
        w.slurm_array_job_id, w.slurm_array_task_id
@@ -238,6 +234,7 @@ SELECT c.hash, c.kind, c.lr, c.condition_frames, c.finetune_steps,
        SUM(CASE WHEN t.status = 'done' THEN 1 ELSE 0 END) AS done,
        SUM(CASE WHEN t.status = 'diverged' THEN 1 ELSE 0 END) AS diverged,
        SUM(CASE WHEN t.status = 'failed' THEN 1 ELSE 0 END) AS failed,
+       SUM(CASE WHEN t.status = 'skipped' THEN 1 ELSE 0 END) AS skipped,
        AVG(r.psnr) AS psnr, AVG(r.ssim) AS ssim, AVG(r.lpips) AS lpips,
        SUM(r.wall_s) AS wall_s
   FROM configs AS c
@@ -315,7 +312,7 @@ SELECT t.id AS task_id, t.kind, t.status, t.video, t.config_hash,
        sc.search, sc.name, sc.parameter, sc.value, sc.is_baseline,
        r.psnr, r.ssim, r.lpips, r.trivial_psnr, r.trivial_ssim, r.trivial_lpips,
        r.finetune_s, r.inference_s, r.wall_s, r.artifact_dir, r.per_frame,
-       d.status AS depends_status
+       d.status AS depends_status, t.estimate_s
   FROM tasks AS t
   JOIN configs AS c ON c.hash = t.config_hash
   JOIN videos AS v ON v.name = t.video
@@ -323,6 +320,36 @@ SELECT t.id AS task_id, t.kind, t.status, t.video, t.config_hash,
   LEFT JOIN results AS r ON r.task_id = t.id
   LEFT JOIN tasks AS d ON d.id = t.depends_on
  ORDER BY sc.search, sc.value, t.video, t.id;
+
+-- ---------------------------------------------------------------- sequential stopping (0004)
+-- hparray/store/stopping.py: a stopped config's pending rows become 'skipped' (the claim takes
+-- 'pending' only) and its decision is kept in `stops`; running and finished rows are never touched.
+
+-- name: skip_pending
+UPDATE tasks SET status = 'skipped' WHERE config_hash = :config_hash AND status = 'pending';
+
+-- name: record_stop
+INSERT INTO stops (config_hash, search, metric, videos, planned, looks, p_value, window_p_value, boundary,
+                   skipped, stopped_at)
+VALUES (:config_hash, :search, :metric, :videos, :planned, :looks, :p_value, :window_p_value, :boundary,
+        :skipped, :now)
+ON CONFLICT (config_hash) DO UPDATE SET search = excluded.search, metric = excluded.metric,
+       videos = excluded.videos, planned = excluded.planned, looks = excluded.looks, p_value = excluded.p_value,
+       window_p_value = excluded.window_p_value, boundary = excluded.boundary,
+       skipped = stops.skipped + excluded.skipped, stopped_at = excluded.stopped_at;
+
+-- name: skipped_configs
+SELECT config_hash, COUNT(*) AS n FROM tasks WHERE status = 'skipped' GROUP BY config_hash;
+
+-- name: resume_skipped
+UPDATE tasks SET status = 'pending' WHERE status = 'skipped';
+
+-- name: forget_stops
+DELETE FROM stops;
+
+-- name: stops
+SELECT config_hash, search, metric, videos, planned, looks, p_value, window_p_value, boundary, skipped, stopped_at
+  FROM stops ORDER BY stopped_at, config_hash;
 
 -- ---------------------------------------------------------------- slurm
 -- hparray/slurm.py: the sweep's job arrays and the Slurm ids of its live workers.
@@ -337,3 +364,52 @@ SELECT id, started_at, slurm_job_id, slurm_array_job_id, slurm_array_task_id FRO
 
 -- name: slurm_cancel_submission
 UPDATE submissions SET state = 'cancelled' WHERE job_id = :job_id AND state = 'submitted';
+
+-- ---------------------------------------------------------------- retry and notify (0005)
+-- hparray/store/retry.py: `hparray retry` puts failed or diverged rows back to pending with fresh
+-- budgets (errors and losses), in one transaction; their attempts stay, and an event says so. Running
+-- rows are never touched: every write says which status it expects.
+
+-- name: retry_candidates
+-- Every row with each name its config goes by (a fine-tune config once per search holding it).
+SELECT t.id, t.kind, t.status, t.video, t.depends_on, t.attempts, t.errors, t.losses, t.error,
+       c.condition_frames, sc.search, sc.name
+  FROM tasks AS t
+  JOIN configs AS c ON c.hash = t.config_hash
+  LEFT JOIN search_configs AS sc ON sc.config_hash = t.config_hash
+ ORDER BY t.id;
+
+-- name: retry_task
+-- `attempts` keeps counting (the next attempt's number follows the last); the budgets start again.
+UPDATE tasks
+   SET status = 'pending', errors = 0, losses = 0, error = NULL, finished_at = NULL, lease = NULL,
+       worker_id = NULL, heartbeat_at = NULL
+ WHERE id = :task_id AND status = :status;
+
+-- name: retry_drop_result
+-- A diverged row's result (no metrics) makes way for the one its next attempt records.
+DELETE FROM results WHERE task_id = :task_id;
+
+-- name: retried_counts
+SELECT task_id, COUNT(*) AS n FROM events WHERE kind = 'retried' GROUP BY task_id;
+
+-- hparray/store/notifications.py: the `notify:` command runs once per event, whoever sees it.
+
+-- name: claim_notification
+INSERT INTO notifications (key, kind, task_id, sender, sent_at) VALUES (:key, :kind, :task_id, :sender, :now)
+ON CONFLICT (key) DO NOTHING;
+
+-- name: sweep_generation
+-- Rows and attempts so far: both stand still once nothing is left to run, and grow when rows are
+-- planned, retried or resumed and run again, so each completion has its own key.
+SELECT (SELECT COUNT(*) FROM tasks) AS tasks, (SELECT COALESCE(MAX(id), 0) FROM attempts) AS attempts;
+
+-- name: sweep_span
+SELECT MIN(started_at) AS started_at, MAX(ended_at) AS ended_at FROM attempts;
+
+-- name: notify_row
+SELECT t.id, t.kind, t.video, t.status, t.attempts, t.errors, t.losses, t.error,
+       COALESCE((SELECT MIN(sc.name) FROM search_configs AS sc WHERE sc.config_hash = t.config_hash),
+                'no_finetune_cf_' || CAST(c.condition_frames AS TEXT)) AS config_name
+  FROM tasks AS t JOIN configs AS c ON c.hash = t.config_hash
+ WHERE t.id = :task_id;

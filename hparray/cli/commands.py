@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,13 +14,13 @@ from rich.console import Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hparray import slurm
+from hparray import notify, slurm
 from hparray.cli import render
 from hparray.cli.app import Context, cli, console, err_console, pass_context
 from hparray.config import Settings
 from hparray.errors import BadInput, HparrayError
 from hparray.status import StatusWithSlurm, sweep_status
-from hparray.store import TaskCounts
+from hparray.store import Store, TaskCounts
 
 # ---------------------------------------------------------------- init
 
@@ -93,6 +94,7 @@ def plan(ctx: Context, which: str, dry_run: bool) -> None:
         store = ctx.store()
         existing = store.existing_task_keys()
         counts = apply(store, result, time.time())
+        _resume_skipped(sweep.settings, store)
     new_tasks = render.new_rows(result, existing)
     console.print(render.plan_table(which, result))
     fit = memory_fit(sweep.settings, result.largest_condition_frames(), local=False)
@@ -170,6 +172,7 @@ def submit(ctx: Context, local: bool, workers: int | None, partition: str | None
     console.print(backend.message)
     settings = ctx.settings()
     store = ctx.store(create=False)
+    _resume_skipped(settings, store, dry_run=dry_run)
     before_submit(settings, store, local=not backend.slurm)
     if backend.slurm:
         submission = slurm.submit(settings, store, worker_command=[sys.executable, "-m", "hparray",
@@ -189,7 +192,9 @@ def submit(ctx: Context, local: bool, workers: int | None, partition: str | None
                           "behind failed or diverged un-fine-tuned rows. `hparray status` shows why they failed; "
                           "`hparray retry --failed` runs them again after a fix.")
         else:
-            console.print("nothing to run: every planned row is finished. `hparray status` shows the results.")
+            skipped = f" ({before.skipped} skipped by sequential stopping)" if before.skipped else ""
+            console.print(f"nothing to run: every planned row is finished{skipped}. `hparray status` shows the "
+                          "results.")
         return
     log_dir = settings.output_path() / "logs"
     console.print(f"running {before.to_run} rows with {count} local worker(s); logs in {log_dir}; Ctrl-C stops "
@@ -205,10 +210,12 @@ def submit(ctx: Context, local: bool, workers: int | None, partition: str | None
                            grace_s=settings.tasks.heartbeat_grace_s, log_dir=log_dir, progress=show)
     final = sweep_status(store, time.time(), settings.tasks.heartbeat_grace_s)
     console.print(f"{final.counts.done} done, {final.counts.diverged} diverged, {final.counts.failed} failed, "
-                  f"{final.counts.pending} pending of {final.counts.total} rows ({report.replaced} workers replaced)")
+                  f"{final.counts.pending} pending, {final.counts.skipped} skipped of {final.counts.total} rows "
+                  f"({report.replaced} workers replaced)")
     if report.interrupted:
         console.print("stopped by you; claimed rows were put back. Run the same command to resume.")
         raise SystemExit(130)
+    notify.sweep_finished(settings, store, f"submit --local ({os.getpid()})")  # once: a worker may have told
     if report.gave_up:
         raise HparrayError(f"gave up: {report.gave_up}")
     if final.counts.failed:
@@ -249,6 +256,16 @@ def status(ctx: Context, as_json: bool, watch: bool, interval: float) -> None:
                 time.sleep(interval)
         except KeyboardInterrupt:
             pass
+
+
+def _resume_skipped(settings: Settings, store: Store, dry_run: bool = False) -> None:
+    """With sequential stopping off, the rows it skipped are pending again (docs/statistics.md)."""
+    from hparray.stopping import resume_if_off
+
+    resumed = resume_if_off(settings, store, time.time(), dry_run=dry_run)
+    if resumed:
+        console.print(f"{'would resume' if dry_run else 'resumed'} {resumed} rows that sequential stopping had "
+                      "skipped: stopping.enabled is false in base.yaml")
 
 
 def _grace_s(ctx: Context) -> float:
@@ -296,6 +313,39 @@ def cancel(ctx: Context, wait_s: float) -> None:
     console.print("next: [bold]hparray submit[/] resumes the rows that are left")
 
 
+# ---------------------------------------------------------------- retry
+
+
+@cli.command()
+@click.option("--failed", is_flag=True,
+              help="Retry rows that failed for good (the default when neither --failed nor --diverged is given).")
+@click.option("--diverged", is_flag=True, help="Retry rows whose run diverged (a NaN or inf loss, no metrics).")
+@click.option("--config", "configs", multiple=True, metavar="NAME",
+              help="Only rows of this config, e.g. lr_1e-4 or no_finetune_cf_22 (repeatable).")
+@click.option("--video", "videos", multiple=True, metavar="NAME", help="Only rows of this video (repeatable).")
+@click.option("--search", "searches", multiple=True, metavar="NAME",
+              help="Only rows of this search, its un-fine-tuned rows included (repeatable).")
+@click.option("--dry-run", is_flag=True, help="List the rows that would change; change nothing.")
+@pass_context
+def retry(ctx: Context, failed: bool, diverged: bool, configs: tuple[str, ...], videos: tuple[str, ...],
+          searches: tuple[str, ...], dry_run: bool) -> None:
+    """Put failed (or diverged) rows back to pending with fresh attempts; `hparray submit` runs them.
+
+    Without --failed or --diverged, failed rows are retried; filters narrow them down. Rows
+    waiting on a retried un-fine-tuned row come back with it, and a waiting row picked by a
+    filter brings back the row it waits on. Every attempt so far stays in the database (the
+    report counts the retries); running rows are never touched.
+    """
+    from hparray.store.retry import RetrySelection
+    from hparray.store.retry import retry as retry_rows
+
+    statuses = tuple(s for s, wanted in (("failed", failed), ("diverged", diverged)) if wanted) or ("failed",)
+    selection = RetrySelection(statuses=statuses, configs=configs, videos=videos, searches=searches)
+    result = retry_rows(ctx.store(create=False), selection, time.time(), dry_run=dry_run)
+    for part in render.render_retry(result, statuses):
+        console.print(part)
+
+
 # ---------------------------------------------------------------- report and doctor
 
 
@@ -337,3 +387,4 @@ def doctor(ctx: Context) -> None:
     failed = [check.name for check in checks if check.state == "fail"]
     if failed or settings is None:
         raise HparrayError(f"doctor: fix {', '.join(failed or ['configs'])} before submitting")
+

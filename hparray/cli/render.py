@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # numpy and scipy come with these: imported only by the comma
     from hparray.gpu_memory import MemoryFit
     from hparray.plan import Plan
     from hparray.report import Report
+    from hparray.store.retry import RetryReport
     from hparray.tasks import TaskSpec
     from hparray.videos import VideoRef
 
@@ -105,13 +106,13 @@ def render_status(s: SweepStatus) -> list[RenderableType]:
     parts: list[RenderableType] = []
     for search, configs in s.searches().items():
         table = Table(title=f"search: {search}", title_justify="left")
-        for column in ("config", "pending", "running", "done", "diverged", "failed", "PSNR", "SSIM", "LPIPS",
-                       "GPU-min"):
+        for column in ("config", "pending", "running", "done", "diverged", "failed", "skipped", "PSNR", "SSIM",
+                       "LPIPS", "GPU-min"):
             table.add_column(column, justify="left" if column == "config" else "right", no_wrap=True)
         for c in configs:
-            table.add_row(c.name + (" *" if c.is_baseline else ""), str(c.pending), str(c.running), str(c.done),
-                          str(c.diverged), _red(c.failed), _num(c.psnr, 2), _num(c.ssim, 4), _num(c.lpips, 4),
-                          f"{c.gpu_minutes:.1f}")
+            table.add_row(c.name + (" *" if c.is_baseline else "") + (" [yellow]stopped[/]" if c.skipped else ""),
+                          str(c.pending), str(c.running), str(c.done), str(c.diverged), _red(c.failed),
+                          str(c.skipped), _num(c.psnr, 2), _num(c.ssim, 4), _num(c.lpips, 4), f"{c.gpu_minutes:.1f}")
         parts.append(table)
     if s.workers:
         table = Table(title="workers", title_justify="left")
@@ -147,6 +148,7 @@ def render_status(s: SweepStatus) -> list[RenderableType]:
     eta = "-" if s.eta_s is None else _duration(s.eta_s)
     n = s.counts
     blocked = f", {n.blocked} blocked by a failed dependency" if n.blocked else ""
+    blocked += f", {n.skipped} skipped by sequential stopping" if n.skipped else ""
     parts.append(
         f"total {n.total}: {n.pending} pending, {n.running} running, {n.done} done, {n.diverged} diverged, "
         f"{n.failed} failed{blocked} | {s.gpu_minutes:.1f} GPU-min spent | {s.throughput_per_hour:.0f} rows/h "
@@ -207,7 +209,8 @@ def render_report(r: Report) -> list[RenderableType]:
         table.add_column("GPU-h", justify="right")
         for c in s.configs:
             scored = c.metrics[r.metrics[0]].n if r.metrics else 0
-            videos = {"completed": f"{scored}/{c.rows['total']}", "pending": "[dim]pending[/]"}.get(
+            videos = {"completed": f"{scored}/{c.rows['total']}", "pending": "[dim]pending[/]",
+                      "stopped": f"[yellow]{scored}/{c.rows['total']}\nstopped[/]"}.get(
                 c.status, f"[red]{scored}/{c.rows['total']}\npartial[/]")
             cells = [c.name + (" *" if c.is_baseline else ""), videos]
             for metric in r.metrics:
@@ -231,6 +234,9 @@ def render_report(r: Report) -> list[RenderableType]:
             if metric in s.best:
                 best = s.best[metric]
                 parts.append(f"  [{'green' if best.significant else 'yellow'}]{escape(best.statement)}[/]")
+        for c in s.configs:
+            if c.stopped:
+                parts.append(f"  [yellow]{escape(c.name)} {escape(c.stopped)}[/]")
         if s.common_window is not None:
             w = s.common_window
             parts.append(f"  on the same frames for every config ({w.first_frame}-{w.last_frame}, after the largest "
@@ -251,6 +257,12 @@ def render_report(r: Report) -> list[RenderableType]:
         parts.append(f"un-fine-tuned {c.name}: {c.rows['done']}/{c.rows['total']} done; {scores}")
     if not r.searches:
         parts.append("no fine-tune rows yet: run `hparray plan --search lr` and `hparray submit` first")
+    if r.stopping is not None:
+        parts.append(f"sequential stopping: {r.stopping.skipped_rows} rows of {len(r.stopping.configs)} stopped "
+                     f"configs skipped, ~{r.stopping.gpu_hours_saved:.2f} GPU-hours saved ({r.stopping.basis})")
+    if r.rows.get("retried"):
+        parts.append(f"{r.rows['retried']} rows were retried (`hparray retry`): per_video.csv's retried column says "
+                     "how often; their earlier attempts stay in the database")
     parts.append(f"{r.gpu_hours:.2f} GPU-hours in {r.rows['total']} rows | * baseline config, ★ best mean | "
                  "Δ base: mean per-video difference from the baseline config, with its paired bootstrap CI | "
                  "p: two-sided Wilcoxon signed-rank test of the per-video differences")
@@ -269,3 +281,42 @@ def doctor_table(checks: list[Check]) -> Table:
     for check in checks:
         table.add_row(check.name, f"[{colour[check.state]}]{check.state}[/]", check.detail, check.fix)
     return table
+
+
+def render_retry(r: RetryReport, statuses: tuple[str, ...]) -> list[RenderableType]:
+    """What `retry` changed (or would, with --dry-run): the rows, the rows waiting on them, and the
+    running rows it left alone."""
+    which = " or ".join(statuses)
+    parts: list[RenderableType] = []
+    if r.retried:
+        verb = "would retry" if r.dry_run else "retried"
+        table = Table(title=f"{verb}: back to pending with fresh budgets", title_justify="left")
+        for column in ("row", "config", "video", "status", "attempts", "why", "last error"):
+            table.add_column(column, no_wrap=column not in ("why", "last error"))
+        for row in [*r.retried, *r.unblocked]:
+            error = (row.error or "").splitlines()[0][:80] if row.error else ""
+            table.add_row(f"#{row.id}", escape(row.config), escape(row.video), row.status, str(row.attempts),
+                          escape(row.reason), escape(error))
+        parts.append(table)
+    if r.running:
+        parts.append(f"left alone: {_rows(len(r.running))} matching the filters, running "
+                     f"({', '.join(f'#{row.id}' for row in r.running[:10])})")
+    if not r.retried:
+        parts.append(f"nothing to retry: no {which} row matches" + ("; nothing changed" if r.dry_run else ""))
+        return parts
+    kinds = Counter(row.status for row in r.retried)
+    counted = ", ".join(f"{n} {status}" for status, n in sorted(kinds.items()))
+    attempts = sum(row.attempts for row in r.retried)
+    waiting = f"; {_rows(len(r.unblocked))} waiting on them will run once they are done" if r.unblocked else ""
+    if r.dry_run:
+        parts.append(f"[bold]dry run[/]: would put {_rows(len(r.retried))} ({counted}) back to pending{waiting}. "
+                     "Nothing changed.")
+    else:
+        parts.append(f"retried {_rows(len(r.retried))} ({counted}): pending again with fresh budgets{waiting}; "
+                     f"the {attempts} attempts they spent stay recorded")
+        parts.append("next: [bold]hparray submit[/] (or submit --local) runs them")
+    return parts
+
+
+def _rows(n: int) -> str:
+    return "1 row" if n == 1 else f"{n} rows"

@@ -43,7 +43,7 @@ from hparray.store import Store
 
 CSV_COLUMNS = ("search", "config", "parameter", "value", "video", "category", "kind", "status", "psnr", "ssim",
                "lpips", "finetune_s", "inference_s", "trivial_psnr", "trivial_ssim", "trivial_lpips", "wall_s",
-               "condition_frames")
+               "condition_frames", "retried")
 
 
 def build_report(settings: Settings, store: Store, out: Path | None = None, now: float | None = None) -> Report:

@@ -29,7 +29,9 @@ from hparray.report.stats import (
     holm,
     search_verdict,
 )
+from hparray.report.stopped import StoppingReport, stopping_report
 from hparray.store import Store, redact_url
+from hparray.store.stopping import stops
 
 FINISHED = ("done", "diverged", "failed")
 COMPARISONS = {
@@ -64,10 +66,12 @@ class ConfigReport:
     finetune_s_total: float = 0.0
     inference_s_total: float = 0.0
     gpu_hours: float = 0.0
+    stopped: str = ""  # why sequential stopping stopped it (report.stopped), when it did
 
     @property
     def partial(self) -> bool:
-        return self.status != "completed"
+        """Rows still to run; a stopped config (status 'stopped') has none: its skipped rows will not run."""
+        return self.status not in ("completed", "stopped")
 
 
 @dataclass
@@ -147,6 +151,7 @@ class Report:
     searches: list[SearchReport]
     baseline_inference: list[ConfigReport]
     confirmation: Confirmation | None = None
+    stopping: StoppingReport | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
     def summary_json(self) -> dict[str, Any]:
@@ -167,15 +172,17 @@ class Report:
             } for s in self.searches},
             BASELINE_INFERENCE: {c.name: _config_json(c) for c in self.baseline_inference},
             "confirmation": _plain(self.confirmation),
+            "stopping": _plain(self.stopping),
         }
 
     def progress_json(self) -> dict[str, dict[str, dict[str, Any]]]:
         """progress.json: {search: {config: {"status", metric means when completed, videos_completed
-        when in_progress}}}; un-fine-tuned inference under 'baseline_inference'.
+        when in_progress or stopped}}}; un-fine-tuned inference under 'baseline_inference'.
 
-        completed: every row finished (done, diverged or failed); pending: none finished or
-        running; videos_completed counts finished rows, so it reaches the total exactly when the
-        config is completed (its means use the done rows only)."""
+        completed: every row finished (done, diverged or failed); stopped: every row finished or
+        skipped by sequential stopping; pending: none finished or running; videos_completed counts
+        finished rows, so it reaches the total exactly when the config is completed (its means use
+        the done rows only)."""
         progress: dict[str, dict[str, dict[str, Any]]] = {}
         groups = [(s.name, s.configs) for s in self.searches] + [(BASELINE_INFERENCE, self.baseline_inference)]
         for search, configs in groups:
@@ -184,7 +191,7 @@ class Report:
                 entry: dict[str, Any] = {"status": c.status}
                 if c.status == "completed":
                     entry.update({m: c.metrics[m].mean for m in METRICS})
-                elif c.status == "in_progress":
+                elif c.status in ("in_progress", "stopped"):
                     entry["videos_completed"] = c.videos_completed
                 entries[c.name] = entry
             progress[search] = entries
@@ -214,6 +221,11 @@ def method_json() -> dict[str, Any]:
         "improved": "videos whose metric beats the reference's: higher PSNR/SSIM, lower LPIPS",
         "references": COMPARISONS,
         "gpu_hours": "sum of wall_s of the rows with a result, divided by 3600",
+        "stopping": "opt-in sequential stopping (stopping: in base.yaml): from min_videos paired videos on, after "
+                    "each video, a fine-tune config whose one-sided exact Wilcoxon p (config worse than its search's "
+                    "baseline) is below alpha / K (K = planned videos - min_videos + 1 looks: Bonferroni over the "
+                    "looks) and whose mean difference is worse has its pending rows skipped; gpu_hours_saved = the "
+                    "skipped rows times the mean measured wall time of done rows of their kind (else their estimate)",
     }
 
 
@@ -242,11 +254,14 @@ def _config_json(c: ConfigReport) -> dict[str, Any]:
 def _config_report(rows: list[TaskRow]) -> ConfigReport:
     first = rows[0]
     counts = {status: sum(1 for row in rows if row.status == status)
-              for status in ("pending", "running", "done", "diverged", "failed")}
+              for status in ("pending", "running", "done", "diverged", "failed", "skipped")}
     counts["total"] = len(rows)
+    counts["retried"] = sum(1 for row in rows if row.retried)
     finished = sum(counts[s] for s in FINISHED)
     if finished == len(rows):
         status = "completed"
+    elif counts["skipped"] and finished + counts["skipped"] == len(rows):
+        status = "stopped"
     elif finished == 0 and counts["running"] == 0:
         status = "pending"
     else:
@@ -317,6 +332,8 @@ def _best(metric: str, reports: list[ConfigReport], baseline: ConfigReport | Non
     top = max(scored, key=lambda c: (sign * (estimates[c.name].mean or 0.0), c.is_baseline))
     label = METRIC_LABELS[metric] + window
     partial = f"; partial: {estimates[top.name].n} of {top.rows['total']} videos scored" if top.partial else ""
+    if top.status == "stopped":
+        partial = f"; stopped by sequential stopping after {estimates[top.name].n} of {top.rows['total']} videos"
     if baseline is None:
         mean = estimates[top.name].mean or 0.0
         return Best(metric, top.name, top.value, mean, top.is_baseline, None, None, 0, False,
@@ -444,14 +461,21 @@ def compute(store: Store, now: float | None = None) -> tuple[Report, list[TaskRo
         inference.append(report)
     tasks = {row.task_id: row for row in rows}  # each task once, whatever the searches holding it
     totals = {status: sum(1 for row in tasks.values() if row.status == status)
-              for status in ("pending", "running", "done", "diverged", "failed")}
+              for status in ("pending", "running", "done", "diverged", "failed", "skipped")}
+    stopping = stopping_report(rows, stops(store))
+    for search in searches:
+        for config in search.configs:
+            if stopping is not None and config.hash in stopping.configs:
+                config.stopped = stopping.configs[config.hash].statement
     totals["total"] = len(tasks)
     totals["blocked"] = sum(1 for row in tasks.values() if row.blocked)
+    totals["retried"] = sum(1 for row in tasks.values() if row.retried)
     measured = [m for m in METRICS if any(row.score(m) is not None for row in rows)]
     return Report(
         generated_at=time.time() if now is None else now, database=redact_url(store.url),
         partial=totals["pending"] + totals["running"] > 0, rows=totals, metrics=measured,
         gpu_hours=sum(row.wall_s or 0.0 for row in tasks.values()) / 3600.0,
         searches=searches, baseline_inference=inference, confirmation=_confirmation(searches, rows),
+        stopping=stopping,
     ), rows
 

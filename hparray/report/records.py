@@ -10,6 +10,7 @@ import numpy as np
 
 from hparray.store import Store
 from hparray.store.records import ReportRow
+from hparray.store.retry import retried_counts
 
 BASELINE_INFERENCE = "baseline_inference"
 
@@ -25,6 +26,7 @@ class TaskRow(ReportRow):
     value: float
     is_baseline: bool
     blocked: bool = False  # pending behind a baseline row that failed or diverged: it will not run unless retried
+    retried: int = 0  # times `hparray retry` put it back (its earlier attempts stay in the attempts table)
 
     @property
     def config(self) -> str:
@@ -53,6 +55,7 @@ class TaskRow(ReportRow):
 def load_rows(store: Store) -> list[TaskRow]:
     """Every task once per search holding it; un-fine-tuned rows under 'baseline_inference'."""
     rows = []
+    retried = retried_counts(store)
     for r in store.report_rows():
         if r.kind == "baseline":
             search, name, parameter, value, is_baseline = (
@@ -65,7 +68,8 @@ def load_rows(store: Store) -> list[TaskRow]:
             value, is_baseline = float(r.value or 0.0), bool(r.is_baseline)
         fields = {**asdict(r), "search": search, "name": name, "parameter": parameter, "value": value,
                   "is_baseline": is_baseline, "condition_frames": int(r.condition_frames)}
-        rows.append(TaskRow(**fields, blocked=r.status == "pending" and r.depends_status in ("failed", "diverged")))
+        rows.append(TaskRow(**fields, blocked=r.status == "pending" and r.depends_status in ("failed", "diverged"),
+                            retried=retried.get(r.task_id, 0)))
     rows.sort(key=lambda row: (row.search == BASELINE_INFERENCE, row.search, row.value, row.video, row.task_id))
     return rows
 

@@ -91,8 +91,9 @@ def _load_frames(artifact_dir: str | None, settings: Settings) -> np.ndarray | N
     folder = Path(artifact_dir)
     if not folder.is_absolute():
         folder = settings.config_dir.parent / folder
-    with np.load(folder / "frames.npz") as data:
-        return np.asarray(data["frames"], dtype=np.float32)
+    from hparray.artifacts import read_frames
+
+    return read_frames(folder)
 
 
 def _strip_png(truth: np.ndarray | None, plain: np.ndarray | None, tuned: np.ndarray | None, cf: int) -> bytes:

@@ -32,16 +32,17 @@ class TaskCounts:
     done: int = 0
     diverged: int = 0
     failed: int = 0
+    skipped: int = 0  # left out by sequential stopping; pending again when it is turned off
     blocked: int = 0  # pending, but runnable only after their dependency is retried
 
     @property
     def total(self) -> int:
-        return self.pending + self.running + self.done + self.diverged + self.failed
+        return self.pending + self.running + self.done + self.diverged + self.failed + self.skipped
 
     @property
     def finished(self) -> int:
-        """Rows that will not run again unless retried: done, diverged or failed."""
-        return self.done + self.diverged + self.failed
+        """Rows that will not run again unless retried or resumed: done, diverged, failed or skipped."""
+        return self.done + self.diverged + self.failed + self.skipped
 
     @property
     def runnable(self) -> int:
@@ -69,6 +70,7 @@ class ConfigProgress:
     done: int
     diverged: int
     failed: int
+    skipped: int
     psnr: float | None
     ssim: float | None
     lpips: float | None
@@ -208,3 +210,22 @@ class ReportRow:
     artifact_dir: str | None
     per_frame: str | None  # JSON: {"first_frame": cf, metric: [per-frame values], "trivial_<metric>": [...]}
     depends_status: str | None
+    estimate_s: float
+
+
+@dataclass(frozen=True)
+class StopRecord:
+    """A config that sequential stopping stopped (migration 0004): against which search's baseline,
+    after how many paired videos, with which one-sided p and boundary, and how many rows it skipped."""
+
+    config_hash: str
+    search: str
+    metric: str
+    videos: int
+    planned: int
+    looks: int
+    p_value: float
+    window_p_value: float | None  # on the search's common window of frames, where its configs differ in them
+    boundary: float
+    skipped: int
+    stopped_at: float

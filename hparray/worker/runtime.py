@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hparray import notify
 from hparray.config import Settings
 from hparray.environment import WorkerIdentity, job_deadline
 from hparray.errors import WorkerStopped
-from hparray.experiment import Experiment
+from hparray.experiment import Experiment, Produced
+from hparray.stopping import with_stopping
 from hparray.store import Store
-from hparray.tasks import ClaimedTask
-from hparray.worker.loop import CircuitOpen, ConfigMismatch, Interrupted, Worker, WorkerSummary
+from hparray.tasks import ClaimedTask, TaskOutcome
+from hparray.worker.loop import NOTHING_LEFT, CircuitOpen, ConfigMismatch, Interrupted, Worker, WorkerSummary
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,33 @@ def artifact_dirs(store: Store, settings: Settings, task: ClaimedTask) -> list[P
     return [root / f"{row.search}_search" / row.name / task.video for row in names]
 
 
+STAGE_HOLD_ENV = "HPARRAY_FAILPOINT_STAGE_HOLD"
+"""A failpoint for fault tests: a folder where a row entering the background stage leaves
+`staged-<id>` and waits until `go` exists or it takes one `ticket-*` file, so a test can kill a
+worker that certainly holds one row in its stage and another in its runner."""
+
+
+def held_in_stage(produced: Produced) -> Produced:
+    """`produced`, once the failpoint (if set) lets it through; see STAGE_HOLD_ENV."""
+    folder = os.environ.get(STAGE_HOLD_ENV)
+    if not folder:
+        return produced
+    Path(folder, f"staged-{produced.task.id}").touch()
+    while not Path(folder, "go").exists() and not _take_ticket(Path(folder)):
+        time.sleep(0.02)
+    return produced
+
+
+def _take_ticket(folder: Path) -> bool:
+    for ticket in sorted(folder.glob("ticket-*")):
+        try:
+            ticket.rename(folder / f"taken-{ticket.name}-{os.getpid()}")
+            return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 SLURM_REAP_EVERY_S = 60.0
 """How often a worker of a sweep submitted to Slurm asks squeue which array tasks are gone (rows of
 tasks Slurm no longer runs come back at once, not after the grace); squeue is not for tight loops."""
@@ -77,13 +108,27 @@ def run_worker(settings: Settings, store: Store, *, max_tasks: int | None = None
     # The experiment (runner, scorer, model) is built inside the start-up window below; the worker
     # reaches it through these calls.
     loaded: list[Experiment] = []
+
+    def complete(produced: Produced) -> TaskOutcome:
+        return loaded[0].score(held_in_stage(produced), artifact_dirs(store, settings, produced.task))
+
+    def generate(task: ClaimedTask) -> Produced:
+        return loaded[0].generate(task)
+
+    # With background scoring, row N is scored in the worker's stage while row N+1 generates.
+    execute: Callable[[ClaimedTask], Any] = generate
+    if not settings.tasks.background_scoring:
+        execute = lambda task: complete(generate(task))  # noqa: E731  (one row at a time: the GPU waits)
+
     worker = Worker(
-        store, lambda task: loaded[0].run(task, artifact_dirs(store, settings, task)), identity,
+        store, execute, identity, complete=complete if execute is generate else None,
         heartbeat_interval_s=settings.tasks.heartbeat_interval_s,
         heartbeat_grace_s=settings.tasks.heartbeat_grace_s, max_tasks=max_tasks, poll_s=poll_s,
         deadline=job_deadline(), signal_grace_s=settings.slurm.signal_grace_s, expected_duration=clock.expected,
-        check=lambda task: loaded[0].matches_plan(task), settle=lambda outcome, won: loaded[0].settle(outcome, won),
+        check=lambda task: loaded[0].matches_plan(task),
+        settle=with_stopping(settings, store, lambda outcome, won: loaded[0].settle(outcome, won)),
         circuit_breaker=settings.tasks.circuit_breaker, prepare=lambda: loaded[0].load(), **reaper(settings, store),
+        on_failed=lambda task_id: notify.row_failed(settings, store, task_id, identity.id),
     )
     worker.catch_stop_signals()  # before anything slow: a stop during start-up must exit cleanly
     log.info("worker %s starting (pid %d, gpu %s)", identity.id, identity.pid, identity.gpu)
@@ -105,4 +150,6 @@ def run_worker(settings: Settings, store: Store, *, max_tasks: int | None = None
     finally:
         loaded[0].close()
     log.info("worker %s stopped after %.0f s: %s", identity.id, time.time() - started, summary.stop_reason)
+    if summary.stop_reason == NOTHING_LEFT:  # the last worker out tells (once, however many end together)
+        notify.sweep_finished(settings, store, identity.id)
     return summary

@@ -1,7 +1,8 @@
 """Chaos: a killer SIGKILLs a worker holding a row at six points spread over the sweep (by rows
 finished, not by the clock) while the local executor replaces them; afterwards every task is done
 exactly once, with one result each, every attempt recorded
-and nothing lost, on SQLite and on PostgreSQL. Real tiny LTX-Video runner, real processes."""
+and nothing lost, on SQLite and on PostgreSQL. Real tiny LTX-Video runner, real processes.
+And the kill that the background stage adds: one row being scored and the next one running."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import os
 import random
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
 from hparray.store import Store
+from hparray.worker.runtime import STAGE_HOLD_ENV
+from tests.acceptance.test_workers import Workers, assert_each_row_done_exactly_once, hold_folder, plan, rows, wait_for
 from tests.conftest import Project
 
 LR_VALUES = [round(1e-6 * 1.7**i, 12) for i in range(10)]  # 10 configs x 20 videos = 200 fine-tune rows
@@ -91,3 +95,41 @@ def test_killed_workers_lose_nothing_and_repeat_nothing(make_project, db_url: st
     assert dangling == 0, "an attempt was left without an outcome"
     assert outcomes.get("reaped", 0) >= 1, outcomes  # killed mid-task attempts are on record
     store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_worker_killed_with_a_row_in_its_stage_and_the_next_running_loses_and_repeats_neither(
+        make_project, tmp_path: Path) -> None:
+    """Row N held in the background stage (scored, not yet recorded) and row N+1 held in the runner
+    when the worker is SIGKILLed: both come back after the grace, each is done once, and the dead
+    attempts are on record as reaped. The holds are folders (no guess of how long a step takes)."""
+    project: Project = make_project(categories=("pan",), per_category=2, lr_values=[1e-5],
+                                    **{"data.num_videos": 2})
+    store = plan(project)
+    marks, hold, stage_hold = tmp_path / "marks", hold_folder(tmp_path), tmp_path / "stage-hold"
+    marks.mkdir()
+    stage_hold.mkdir()
+    (hold / "ticket-1").touch()  # the runner lets one row through; the next one waits in the runner
+    group = Workers(project, tmp_path / "logs", None)
+    try:
+        victim = group.start("worker", env={"HPARRAY_TEST_HOLD": str(hold), "HPARRAY_TEST_MARK_DIR": str(marks),
+                                            STAGE_HOLD_ENV: str(stage_hold)})
+        staged = wait_for("a row held in the background stage", lambda: list(stage_hold.glob("staged-*")), 300)
+        wait_for("the next row to start in the runner", lambda: len(os.listdir(marks)) >= 2, 300, 0.02)
+        held = rows(store, "SELECT t.id FROM tasks AS t JOIN workers AS w ON w.id = t.worker_id "
+                           "WHERE t.status = 'running' AND w.pid = :pid", pid=victim.pid)
+        in_stage = int(staged[0].name.split("-")[1])
+        assert len(held) == 2 and in_stage in {row.id for row in held}, (held, in_stage)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+
+        rescuer = group.start("worker", "--poll-s", "0.2", env={"HPARRAY_TEST_MARK_DIR": str(marks)})
+        assert rescuer.wait(timeout=600) == 0, group.output()[-3000:]
+        assert_each_row_done_exactly_once(store, marks, expected_tasks=4, extra_starts=2)
+        for row in held:
+            outcomes = rows(store, "SELECT outcome FROM attempts WHERE task_id = :id ORDER BY id", id=row.id)
+            assert [o.outcome for o in outcomes] == ["reaped", "done"], (row.id, outcomes)
+    finally:
+        group.kill_all()
+        store.close()

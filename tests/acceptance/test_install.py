@@ -1,7 +1,7 @@
 """hparray as a user installs it: the wheel, non-editable, in a fresh venv without torch, used from
 a folder outside the checkout (`hparray init`, plan, submit --local through a resident server on
-the wheel's hparray_serve, status, report); then the
-[ltx] extra is the one that brings torch in."""
+the wheel's hparray_serve, status, report; a `command` runner configured in base.yaml; the example
+configs); then the [ltx] extra is the one that brings torch in."""
 
 from __future__ import annotations
 
@@ -108,6 +108,56 @@ def test_the_core_wheel_runs_a_sweep_outside_the_checkout_without_torch(core_ven
     summary = json.loads((project / "report" / "summary.json").read_text())
     assert summary["metrics"] == ["psnr", "ssim"]
     assert (project / "report" / "report.html").is_file()
+
+
+# The user's per-video script for the `command` runner, in the same torch-free venv: it reads the
+# conditioning frames and writes the last one repeated as generated.npy.
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import numpy as np
+
+    condition, out, frames = np.load(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    rest = np.repeat(condition[-1:], frames - len(condition), axis=0)
+    np.save(out / "generated.npy", np.concatenate([condition, rest]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_core_wheel_runs_a_command_runner_sweep_configured_in_yaml(core_venv: Path, tmp_path: Path) -> None:
+    """The command runner as users configure it (an argv list in base.yaml), from the wheel, no torch."""
+    hparray = core_venv / "bin" / "hparray"
+    project = tmp_path / "script sweep"
+    project.mkdir()
+    assert _run([str(hparray), "init"], project).returncode == 0
+    write_videos(project / "videos", categories=("pan",), per_category=2, frames=30)
+    (project / "predict.py").write_text(SCRIPT)
+    base = yaml.safe_load((project / "configs" / "base.yaml").read_text())
+    base["data"].update(source="videos", num_videos=2, num_frames=30, height=32, width=32)
+    base["baseline"]["condition_frames"] = 4
+    base["runner"] = {"name": "command", "timeout_s": 120, "command": [
+        str(core_venv / "bin" / "python"), str(project / "predict.py"), "{condition_video}", "{output_dir}",
+        "{num_frames}"]}
+    base["metrics"] = ["psnr"]
+    (project / "configs" / "base.yaml").write_text(yaml.safe_dump(base))
+    (project / "configs" / "lr_search.yaml").write_text(
+        yaml.safe_dump({"search": "lr", "parameter": "lr", "values": [1e-5]}))
+    for argv in (["plan", "--search", "lr"], ["submit", "--local", "--workers", "1"]):
+        done = _run([str(hparray), *argv], project)
+        assert done.returncode == 0, f"hparray {' '.join(argv)}:\n{done.stdout}\n{done.stderr}"
+    state = json.loads(_run([str(hparray), "status", "--json"], project).stdout)
+    assert (state["total"], state["done"]) == (4, 4), state
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_example_configs(core_venv: Path, tmp_path: Path) -> None:
+    """`hparray init --example opensora_v1_3` from the wheel writes the Open-Sora starter config."""
+    done = _run([str(core_venv / "bin" / "hparray"), "init", "--example", "opensora_v1_3"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = (tmp_path / "configs" / "base.yaml").read_text()
+    assert written == (REPO / "configs" / "examples" / "opensora_v1_3.yaml").read_text()
 
 
 @pytest.mark.slow

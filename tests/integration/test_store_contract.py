@@ -29,7 +29,7 @@ T0 = 1_000_000.0
 GRACE_S = 30.0
 MIGRATIONS = migration_files()
 TABLES = {"configs", "search_configs", "videos", "tasks", "attempts", "results", "workers", "submissions",
-          "events", "schema_migrations"}
+          "events", "schema_migrations", "notifications"}
 
 
 def make_plan(project: Project) -> Plan:

@@ -4,6 +4,8 @@ environment of the worker process (tests start real `hparray worker` processes).
 HPARRAY_TEST_TASK_S   seconds each task sleeps (so a test can signal a worker mid-task)
 HPARRAY_TEST_FAIL     a video name whose tasks raise (retries, then failed), or `disk-full`: every task
                       raises the same OSError (a node-wide fault)
+HPARRAY_TEST_FAIL_NOTE text appended to that error's message (quotes, `;`, `$(...)`: what notify: must pass on)
+HPARRAY_TEST_DIVERGE  a video name whose fine-tune rows diverge (no frames, as a NaN loss would end them)
 HPARRAY_TEST_MARK_DIR a folder where each task start leaves a file (to see what ran, and how often)
 HPARRAY_TEST_SHADE    a factor on the predicted frames (to tell two workers' outputs apart)
 HPARRAY_TEST_HOLD     a folder: each task waits until `go` exists there, or it can take one `ticket-*`
@@ -48,7 +50,10 @@ class SleepyRunner:
         if mark_dir:
             Path(mark_dir, f"{kind}-{clip.ref.name}-{lr:g}-{condition_frames}-{os.getpid()}-{time.time_ns()}").touch()
         if os.environ.get("HPARRAY_TEST_FAIL") == clip.ref.name:
-            raise RuntimeError(f"test failure for {clip.ref.name}")
+            raise RuntimeError(f"test failure for {clip.ref.name}{os.environ.get('HPARRAY_TEST_FAIL_NOTE', '')}")
+        if kind == "finetune" and os.environ.get("HPARRAY_TEST_DIVERGE") == clip.ref.name:
+            return Generation(frames=None, timings_s={"finetune": 0.0, "inference": 0.0}, diverged=True,
+                              notes={"diverged_at_step": 1})
         if os.environ.get("HPARRAY_TEST_FAIL") == "disk-full":  # a node-wide fault: every row fails alike
             raise OSError(28, "No space left on device", f"/scratch/{clip.ref.name}-{time.time_ns()}.npz")
         time.sleep(float(os.environ.get("HPARRAY_TEST_TASK_S", "0")))
