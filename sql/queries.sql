@@ -289,10 +289,6 @@ SELECT t.id, t.kind, t.video, t.errors, t.losses, t.error,
  WHERE t.status = 'failed'
  ORDER BY t.id LIMIT :limit;
 
--- name: mean_wall_by_kind
-SELECT t.kind, AVG(r.wall_s) AS mean_wall_s, COUNT(*) AS n
-  FROM tasks AS t JOIN results AS r ON r.task_id = t.id GROUP BY t.kind;
-
 -- name: config_names
 SELECT search, name FROM search_configs WHERE config_hash = :config_hash ORDER BY search;
 

@@ -140,7 +140,7 @@ def test_the_core_wheel_runs_a_command_runner_sweep_configured_in_yaml(core_venv
     base["runner"] = {"name": "command", "timeout_s": 120, "command": [
         str(core_venv / "bin" / "python"), str(project / "predict.py"), "{condition_video}", "{output_dir}",
         "{num_frames}"]}
-    base["metrics"] = ["psnr"]
+    base["metrics"] = ["psnr", "ssim"]
     (project / "configs" / "base.yaml").write_text(yaml.safe_dump(base))
     (project / "configs" / "lr_search.yaml").write_text(
         yaml.safe_dump({"search": "lr", "parameter": "lr", "values": [1e-5]}))
@@ -149,6 +149,9 @@ def test_the_core_wheel_runs_a_command_runner_sweep_configured_in_yaml(core_venv
         assert done.returncode == 0, f"hparray {' '.join(argv)}:\n{done.stdout}\n{done.stderr}"
     state = json.loads(_run([str(hparray), "status", "--json"], project).stdout)
     assert (state["total"], state["done"]) == (4, 4), state
+    report = _run([str(hparray), "report", "--out", str(project / "report")], project)
+    assert report.returncode == 0, report.stderr
+    assert json.loads((project / "report" / "summary.json").read_text())["metrics"] == ["psnr", "ssim"]
 
 
 @pytest.mark.slow

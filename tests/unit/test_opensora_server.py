@@ -1,6 +1,7 @@
 """The shipped Open-Sora v1.3 server without Open-Sora: its conditioning plan (the table of
-docs/opensora.md; the integration test checks it against the VAE's own functions) and its hello,
-which needs nothing but the standard library, so `plan` learns the model identity cheaply."""
+docs/opensora.md; the integration test checks it against the VAE's own functions), its hello,
+which needs nothing but the standard library, so `plan` learns the model identity cheaply, and the
+example config that `hparray init --example opensora_v1_3` writes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from hparray.cli import cli
+from hparray.config import load_sweep
 from hparray.runners.resident import SERVERS_DIR
 
 sys.path.insert(0, str(SERVERS_DIR))
@@ -41,3 +46,14 @@ def test_hello_needs_neither_torch_nor_open_sora(tmp_path) -> None:
     assert hello["hparray"] == "hello" and hello["protocol"] == 1
     assert hello["model"].startswith("opensora-v1.3-server-1;opensora=unknown;")
     assert "HEAVY []" in done.stderr, done.stderr
+
+
+def test_the_example_config_loads_after_init(tmp_path: Path) -> None:
+    done = CliRunner().invoke(cli, ["init", str(tmp_path), "--example", "opensora_v1_3"])
+    assert done.exit_code == 0, done.output
+    sweep = load_sweep(tmp_path / "configs")
+    runner = sweep.settings.runner
+    assert runner.name == "resident" and runner.command[1] == "{servers}/opensora_v1_3.py"
+    assert (SERVERS_DIR / "opensora_v1_3.py").is_file()
+    assert sweep.settings.baseline.condition_frames == 22 and sweep.settings.data.num_frames == 49
+    assert sweep.searches["condition_frames"].values == (5, 11, 17, 22, 28)
