@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from hparray.store import Store
+
 SLURM_SCRIPTS = Path(__file__).resolve().parent.parent / "slurm"
 GPUS = 2
 CPUS = 4
@@ -83,3 +85,11 @@ def local_slurm() -> Iterator[LocalSlurm]:
         subprocess.run(["bash", str(SLURM_SCRIPTS / "stop-local-slurm.sh"), "--wipe"], capture_output=True,
                        env=env, timeout=180)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    """An opened store on each database the test is parametrised over (`db_url`: SQLite, PostgreSQL)."""
+    opened = Store.open(db_url)
+    yield opened
+    opened.close()

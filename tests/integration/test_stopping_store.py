@@ -6,7 +6,7 @@ A database of the previous schema migrates to one equal to a fresh one and keeps
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,6 @@ from tests.integration.test_store_contract import T0, apply, done, make_plan, on
 def _stop(config_hash: str) -> StopRecord:
     return StopRecord(config_hash=config_hash, search="lr", metric="psnr", videos=3, planned=6, looks=4,
                       p_value=0.002, window_p_value=None, boundary=0.0125, skipped=0, stopped_at=0.0)
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    opened = Store.open(db_url)
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

@@ -70,13 +70,6 @@ def done(psnr: float = 30.0) -> TaskOutcome:
 
 
 @pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    opened = Store.open(db_url)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
 def one_video(make_project: Callable[..., Project]) -> Plan:
     """One video, one lr: a baseline row and the fine-tune row that depends on it."""
     return make_plan(make_project(categories=("pan",), per_category=1, lr_values=[1e-5],
