@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no new config after this")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/out"))
-    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script's path (LoRA configs, "
-                                                         "small geometry), no figures")
+    parser.add_argument("--device", default="cuda",
+                        help="cpu: a smoke run of this script's path, no figures; it keeps the sizes given, so pass "
+                             "small ones, e.g. --device cpu --height 64 --width 64 --frames 9 --condition-frames 5 "
+                             "--configs lora-fp32,lora-bf16-master")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA GPU; on the CPU run `python -m bench.bench_ltx_2b`")
