@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hparray import failpoints
 from hparray.config import Settings
 from hparray.environment import this_host
 from hparray.store import Store, redact_url
@@ -31,9 +32,8 @@ NOTIFY_TIMEOUT_S = 60.0
 FAILED_SHOWN = 50
 """Failed rows listed in a summary, with their last error."""
 HOLD_ENV = "HPARRAY_FAILPOINT_NOTIFY_HOLD"
-"""A failpoint for tests: a folder where a process about to ask whether the sweep is complete leaves
-`ready-<pid>` and waits (a minute at most) until `go` exists, so that a test makes N workers ask at
-the same moment."""
+"""A failpoint (hparray.failpoints) where a process about to ask whether the sweep is complete leaves
+`ready-<pid>` and waits (a minute at most), so that a test makes N workers ask at the same moment."""
 
 
 def sweep_finished(settings: Settings, store: Store, sender: str, now: float | None = None) -> bool:
@@ -41,7 +41,7 @@ def sweep_finished(settings: Settings, store: Store, sender: str, now: float | N
     it (workers that found nothing to claim, `submit --local` at the end). True when it was sent."""
     if not settings.notify:
         return False
-    _held()
+    failpoints.hold(HOLD_ENV, f"ready-{os.getpid()}", timeout_s=60.0)
     now = time.time() if now is None else now
     try:
         if not marks.claim_sweep_complete(store, sender, now):
@@ -51,16 +51,6 @@ def sweep_finished(settings: Settings, store: Store, sender: str, now: float | N
         log.warning("notify: could not tell whether the sweep is complete: %s", err)
         return False
     return send(settings, summary)
-
-
-def _held() -> None:
-    folder = os.environ.get(HOLD_ENV)
-    if not folder:
-        return
-    Path(folder, f"ready-{os.getpid()}").touch()
-    deadline = time.monotonic() + 60.0
-    while not Path(folder, "go").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def row_failed(settings: Settings, store: Store, task_id: int, sender: str, now: float | None = None) -> bool:

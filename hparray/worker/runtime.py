@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import time
@@ -11,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hparray import notify
+from hparray import failpoints, notify
 from hparray.config import Settings
 from hparray.environment import WorkerIdentity, job_deadline
 from hparray.errors import WorkerStopped
@@ -57,30 +56,14 @@ def artifact_dirs(store: Store, settings: Settings, task: ClaimedTask) -> list[P
 
 
 STAGE_HOLD_ENV = "HPARRAY_FAILPOINT_STAGE_HOLD"
-"""A failpoint for fault tests: a folder where a row entering the background stage leaves
-`staged-<id>` and waits until `go` exists or it takes one `ticket-*` file, so a test can kill a
-worker that certainly holds one row in its stage and another in its runner."""
+"""A failpoint (hparray.failpoints) where a row entering the background stage leaves `staged-<id>`,
+so a test can kill a worker that certainly holds one row in its stage and another in its runner."""
 
 
 def held_in_stage(produced: Produced) -> Produced:
     """`produced`, once the failpoint (if set) lets it through; see STAGE_HOLD_ENV."""
-    folder = os.environ.get(STAGE_HOLD_ENV)
-    if not folder:
-        return produced
-    Path(folder, f"staged-{produced.task.id}").touch()
-    while not Path(folder, "go").exists() and not _take_ticket(Path(folder)):
-        time.sleep(0.02)
+    failpoints.hold(STAGE_HOLD_ENV, f"staged-{produced.task.id}")
     return produced
-
-
-def _take_ticket(folder: Path) -> bool:
-    for ticket in sorted(folder.glob("ticket-*")):
-        try:
-            ticket.rename(folder / f"taken-{ticket.name}-{os.getpid()}")
-            return True
-        except FileNotFoundError:
-            continue
-    return False
 
 
 SLURM_REAP_EVERY_S = 60.0

@@ -21,19 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hparray import failpoints
 from hparray.runners import Clip, Generation, Hyperparams
-
-
-def _take_ticket(folder: str) -> bool:
-    """Atomically take one `ticket-*` file of `folder` (rename wins for exactly one process)."""
-    for name in sorted(os.listdir(folder)):
-        if name.startswith("ticket-") and ".taken" not in name:
-            try:
-                os.rename(os.path.join(folder, name), os.path.join(folder, f"{name}.taken-{os.getpid()}"))
-                return True
-            except FileNotFoundError:
-                continue
-    return False
 
 
 class SleepyRunner:
@@ -57,9 +46,7 @@ class SleepyRunner:
         if os.environ.get("HPARRAY_TEST_FAIL") == "disk-full":  # a node-wide fault: every row fails alike
             raise OSError(28, "No space left on device", f"/scratch/{clip.ref.name}-{time.time_ns()}.npz")
         time.sleep(float(os.environ.get("HPARRAY_TEST_TASK_S", "0")))
-        hold = os.environ.get("HPARRAY_TEST_HOLD")
-        while hold and not os.path.exists(os.path.join(hold, "go")) and not _take_ticket(hold):
-            time.sleep(0.02)
+        failpoints.hold("HPARRAY_TEST_HOLD")
         shade = float(os.environ.get("HPARRAY_TEST_SHADE", "1"))
         last = clip.frames[condition_frames - 1] * (1.0 - min(lr * 1000.0, 0.5)) * shade
         rest = np.broadcast_to(last, (clip.num_frames - condition_frames, *last.shape))
@@ -89,7 +76,5 @@ class SlowLoadRunner(SleepyRunner):
         marks = os.environ.get("HPARRAY_TEST_MARK_DIR")
         if marks:
             Path(marks, "loading").touch()
-        hold = os.environ.get("HPARRAY_TEST_HOLD")
-        while hold and not os.path.exists(os.path.join(hold, "go")) and not _take_ticket(hold):
-            time.sleep(0.02)
+        failpoints.hold("HPARRAY_TEST_HOLD")
         super().load()
